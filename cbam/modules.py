@@ -1,0 +1,175 @@
+"""The attention modules of CBAM (Woo et al., ECCV 2018, section 3), straightforward autograd.
+
+Reductions are ``mean`` / ``amax`` over tensor dimensions rather than ``nn.Adaptive*Pool2d``:
+the adaptive max pool gives NaN under AMP + channels_last, is non-deterministic in CUDA
+backward and exports badly to ONNX.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .spec import AttentionSpec, resolve_spec
+
+
+class AttentionModule(nn.Module):
+    """Base class of every gate; backbones use it to leave attention init to the module itself."""
+
+
+def channel_pool(x: torch.Tensor, pool: str) -> list[torch.Tensor]:
+    """Spatial pooling of an (N, C, H, W) map into (N, C) descriptors: F^c_avg and/or F^c_max."""
+    pooled = []
+    if pool in ("avg", "avgmax"):
+        pooled.append(x.mean(dim=(2, 3)))
+    if pool in ("max", "avgmax"):
+        pooled.append(x.amax(dim=(2, 3)))
+    return pooled
+
+
+def spatial_pool(x: torch.Tensor) -> torch.Tensor:
+    """Channel pooling of an (N, C, H, W) map into the (N, 2, H, W) descriptor [max; mean].
+
+    The order follows the reference code (``ChannelPool``: max first); the paper writes
+    [AvgPool; MaxPool]. The two are the same function class, with the conv's input channels swapped.
+    """
+    return torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)
+
+
+class ChannelGate(AttentionModule):
+    """Channel attention, Eq. (2): Mc(F) = sigmoid(MLP(AvgPool(F)) + MLP(MaxPool(F))).
+
+    One MLP (C -> C/r -> C, with biases, ReLU between) is shared by the pooled descriptors.
+    ``pool="avg"`` is the SE block (Hu et al.), ``"max"`` and ``"avgmax"`` are Table 1's others.
+    """
+
+    def __init__(self, channels: int, reduction: int = 16, pool: str = "avgmax", act_layer: type[nn.Module] = nn.ReLU):
+        super().__init__()
+        spec = AttentionSpec(channel=True, reduction=reduction, pool=pool)
+        self.pool = pool
+        self.mlp = nn.Sequential(
+            nn.Linear(channels, spec.hidden_units(channels)),
+            act_layer(),
+            nn.Linear(spec.hidden_units(channels), channels),
+        )
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Mc(F) of shape (N, C, 1, 1)."""
+        pooled = channel_pool(x, self.pool)
+        # One MLP call on the stacked descriptors, then the sum of Eq. (2).
+        logits = self.mlp(torch.cat(pooled)).view(len(pooled), *pooled[0].shape).sum(0)
+        return torch.sigmoid(logits)[:, :, None, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.attention(x)
+
+
+class SpatialGate(AttentionModule):
+    """Spatial attention, Eq. (3): Ms(F) = sigmoid(conv_kxk([AvgPool_c(F); MaxPool_c(F)])).
+
+    ``descriptor="conv1x1"`` replaces channel pooling by a learned 1x1 conv C -> 1 (Table 2).
+    ``bn`` adds the reference code's BatchNorm after the conv (momentum 0.01), and
+    ``bn_zero_init`` sets its gamma to 0 so that the gate starts as a flat 0.5.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int = 7,
+        descriptor: str = "pool",
+        bn: bool = True,
+        bn_zero_init: bool = True,
+    ):
+        super().__init__()
+        AttentionSpec(spatial=True, kernel_size=kernel_size, descriptor=descriptor)  # validates
+        self.descriptor = descriptor
+        self.project = nn.Conv2d(channels, 1, 1, bias=False) if descriptor == "conv1x1" else None
+        in_maps = 1 if descriptor == "conv1x1" else 2
+        self.conv = nn.Conv2d(in_maps, 1, kernel_size, padding=kernel_size // 2, bias=not bn)
+        self.bn = nn.BatchNorm2d(1, momentum=0.01) if bn else None
+        if self.bn is not None and bn_zero_init:
+            nn.init.zeros_(self.bn.weight)
+
+    def describe(self, x: torch.Tensor) -> torch.Tensor:
+        """The spatial descriptor fed to the conv: (N, 2, H, W) pooled or (N, 1, H, W) projected."""
+        return self.project(x) if self.project is not None else spatial_pool(x)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Ms(F) of shape (N, 1, H, W)."""
+        logits = self.conv(self.describe(x))
+        if self.bn is not None:
+            logits = self.bn(logits)
+        return torch.sigmoid(logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.attention(x)
+
+
+class CBAM(AttentionModule):
+    """Convolutional Block Attention Module, Eq. (1), in any of Table 3's arrangements.
+
+    - ``channel_first`` (the paper's CBAM): F' = Mc(F) * F, F'' = Ms(F') * F'.
+    - ``spatial_first``: F' = Ms(F) * F, F'' = Mc(F') * F'.
+    - ``parallel``: both maps are computed from the same input F. The paper gives no formula;
+      we define F'' = Mc(F) * Ms(F) * F (``parallel_combine="mul"``, default): it is exactly the
+      sequential module with the second gate looking at F instead of F', so Table 3 isolates the
+      arrangement and nothing else, and each position keeps a gate in (0, 1) as in the other two.
+      The rejected alternative, the mean of the two branches F'' = (Mc(F) + Ms(F)) / 2 * F (BAM-like
+      additive fusion), stays selectable as ``parallel_combine="add"``; it changes the gate's range
+      and lets one branch's gate compensate for the other's.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        reduction: int = 16,
+        pool: str = "avgmax",
+        kernel_size: int = 7,
+        descriptor: str = "pool",
+        spatial_bn: bool = True,
+        spatial_bn_zero_init: bool = True,
+        order: str = "channel_first",
+        parallel_combine: str = "mul",
+    ):
+        super().__init__()
+        AttentionSpec(order=order, parallel_combine=parallel_combine)  # validates
+        self.order = order
+        self.parallel_combine = parallel_combine
+        self.channel_gate = ChannelGate(channels, reduction, pool)
+        self.spatial_gate = SpatialGate(channels, kernel_size, descriptor, spatial_bn, spatial_bn_zero_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.order == "channel_first":
+            return self.spatial_gate(self.channel_gate(x))
+        if self.order == "spatial_first":
+            return self.channel_gate(self.spatial_gate(x))
+        mc, ms = self.channel_gate.attention(x), self.spatial_gate.attention(x)
+        if self.parallel_combine == "mul":
+            return x * (mc * ms)
+        return x * ((mc + ms) * 0.5)
+
+
+def build_attention(channels: int, spec) -> nn.Module:
+    """The attention module for a block with ``channels`` channels (``nn.Identity`` for "none").
+
+    ``spec`` is a preset name (``cbam.PRESETS``), a mapping of ``AttentionSpec`` fields (optionally
+    with ``preset``), or an ``AttentionSpec``. Bad specs raise ``AttentionSpecError``.
+    """
+    spec = resolve_spec(spec)
+    if spec.channel and spec.spatial:
+        return CBAM(
+            channels,
+            spec.reduction,
+            spec.pool,
+            spec.kernel_size,
+            spec.descriptor,
+            spec.spatial_bn,
+            spec.spatial_bn_zero_init,
+            spec.order,
+            spec.parallel_combine,
+        )
+    if spec.channel:
+        return ChannelGate(channels, spec.reduction, spec.pool)
+    if spec.spatial:
+        return SpatialGate(channels, spec.kernel_size, spec.descriptor, spec.spatial_bn, spec.spatial_bn_zero_init)
+    return nn.Identity()
