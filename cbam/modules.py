@@ -43,7 +43,14 @@ class ChannelGate(AttentionModule):
     ``pool="avg"`` is the SE block (Hu et al.), ``"max"`` and ``"avgmax"`` are Table 1's others.
     """
 
-    def __init__(self, channels: int, reduction: int = 16, pool: str = "avgmax", act_layer: type[nn.Module] = nn.ReLU):
+    def __init__(
+        self,
+        channels: int,
+        reduction: int = 16,
+        pool: str = "avgmax",
+        act_layer: type[nn.Module] = nn.ReLU,
+        gate_layer: type[nn.Module] = nn.Sigmoid,
+    ):
         super().__init__()
         spec = AttentionSpec(channel=True, reduction=reduction, pool=pool)
         self.pool = pool
@@ -52,13 +59,14 @@ class ChannelGate(AttentionModule):
             act_layer(),
             nn.Linear(spec.hidden_units(channels), channels),
         )
+        self.gate = gate_layer()  # its output is Mc (N, C): forward hooks read it for logging
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """Mc(F) of shape (N, C, 1, 1)."""
         pooled = channel_pool(x, self.pool)
         # One MLP call on the stacked descriptors, then the sum of Eq. (2).
         logits = self.mlp(torch.cat(pooled)).view(len(pooled), *pooled[0].shape).sum(0)
-        return torch.sigmoid(logits)[:, :, None, None]
+        return self.gate(logits)[:, :, None, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.attention(x)
@@ -79,6 +87,7 @@ class SpatialGate(AttentionModule):
         descriptor: str = "pool",
         bn: bool = True,
         bn_zero_init: bool = True,
+        gate_layer: type[nn.Module] = nn.Sigmoid,
     ):
         super().__init__()
         AttentionSpec(spatial=True, kernel_size=kernel_size, descriptor=descriptor)  # validates
@@ -89,6 +98,7 @@ class SpatialGate(AttentionModule):
         self.bn = nn.BatchNorm2d(1, momentum=0.01) if bn else None
         if self.bn is not None and bn_zero_init:
             nn.init.zeros_(self.bn.weight)
+        self.gate = gate_layer()  # its output is Ms (N, 1, H, W): forward hooks read it for logging
 
     def describe(self, x: torch.Tensor) -> torch.Tensor:
         """The spatial descriptor fed to the conv: (N, 2, H, W) pooled or (N, 1, H, W) projected."""
@@ -99,7 +109,7 @@ class SpatialGate(AttentionModule):
         logits = self.conv(self.describe(x))
         if self.bn is not None:
             logits = self.bn(logits)
-        return torch.sigmoid(logits)
+        return self.gate(logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.attention(x)

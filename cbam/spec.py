@@ -11,6 +11,8 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from .errors import UserError
+
 POOLS = ("avg", "max", "avgmax")
 DESCRIPTORS = ("pool", "conv1x1")
 ORDERS = ("channel_first", "spatial_first", "parallel")
@@ -18,8 +20,18 @@ PARALLEL_COMBINES = ("mul", "add")
 PLACEMENTS = ("residual", "pre", "post")
 IMPLS = ("reference",)
 
+# Fields with a fixed set of values; the Hydra schema turns these into enums (compose-time checks).
+CHOICES = {
+    "pool": POOLS,
+    "descriptor": DESCRIPTORS,
+    "order": ORDERS,
+    "parallel_combine": PARALLEL_COMBINES,
+    "placement": PLACEMENTS,
+    "impl": IMPLS,
+}
 
-class AttentionSpecError(ValueError):
+
+class AttentionSpecError(UserError, ValueError):
     """A bad attention spec; the message names the field, the value and what is allowed."""
 
 
@@ -59,12 +71,8 @@ class AttentionSpec:
     impl: str = "reference"
 
     def __post_init__(self) -> None:
-        _check_choice("pool", self.pool, POOLS)
-        _check_choice("descriptor", self.descriptor, DESCRIPTORS)
-        _check_choice("order", self.order, ORDERS)
-        _check_choice("parallel_combine", self.parallel_combine, PARALLEL_COMBINES)
-        _check_choice("placement", self.placement, PLACEMENTS)
-        _check_choice("impl", self.impl, IMPLS)
+        for name, allowed in CHOICES.items():
+            _check_choice(name, getattr(self, name), allowed)
         if isinstance(self.reduction, bool) or not isinstance(self.reduction, int) or self.reduction < 1:
             raise AttentionSpecError(f"attention.reduction must be an integer >= 1, got {self.reduction!r}")
         if (

@@ -1,0 +1,166 @@
+"""Structured-config schemas for ``train.py`` / ``eval.py``, registered in Hydra's ConfigStore.
+
+Each YAML file in ``configs/<group>/`` is validated against its group's dataclass when the config is
+composed, so a wrong type or an unknown choice fails before any work with Hydra's own message.
+Choice fields are enums; ``to_container`` turns them back into plain strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from .spec import CHOICES, AttentionSpec
+
+
+def _enum(name: str, values) -> type[enum.Enum]:
+    return enum.Enum(name, {v: v for v in values})
+
+
+def _attention_schema() -> type:
+    """``AttentionSpec``'s fields as a mutable dataclass, choice fields as enums: one source of truth."""
+    hints = typing.get_type_hints(AttentionSpec)
+    fields = []
+    for f in dataclasses.fields(AttentionSpec):
+        kind = (
+            _enum(f"{f.name.title().replace('_', '')}Choice", CHOICES[f.name]) if f.name in CHOICES else hints[f.name]
+        )
+        fields.append((f.name, kind, field(default=kind[f.default] if f.name in CHOICES else f.default)))
+    return dataclasses.make_dataclass("AttentionConfig", fields)
+
+
+AttentionConfig = _attention_schema()
+
+Arch = _enum("Arch", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wrn18_1.5", "wrn18_2",
+                      "resnext50_32x4d", "resnext101_32x4d", "mobilenet_v1"])  # fmt: skip
+Stem = _enum("Stem", ["auto", "imagenet", "cifar"])
+Dataset = _enum("Dataset", ["cifar10", "cifar100", "imagenet", "fashion_mnist", "synthetic"])
+Optimizer = _enum("Optimizer", ["sgd", "adamw"])
+Schedule = _enum("Schedule", ["step", "cosine", "constant"])
+Amp = _enum("Amp", ["none", "bf16", "fp16"])
+
+
+@dataclass
+class ModelConfig:
+    arch: Arch = Arch.resnet18
+    stem: Stem = Stem.auto  # auto: the CIFAR stem for images up to 64 px, the ImageNet stem above
+    width: float = 1.0
+    # ResNet options; None leaves the backbone's default (MobileNet takes none of them).
+    stride_in_1x1: Optional[bool] = None
+    zero_init_residual: Optional[bool] = None
+    drop_rate: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    name: Dataset = MISSING
+    root: str = "data"
+    num_classes: int = MISSING
+    in_chans: int = 3
+    image_size: int = 32  # training crop (and eval crop for ImageNet-style sets)
+    resize_size: int = 0  # eval resize before the center crop (ImageFolder); 0 = image_size * 8/7
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    augment: bool = True  # in-memory sets: random crop after zero padding + horizontal flip
+    crop_padding: int = 4
+    download: bool = True  # fetch with torchvision when the files are missing and a network is there
+    workers: int = 4  # DataLoader workers (ImageFolder only; in-memory sets need none)
+    train_size: int = 0  # synthetic only: number of images
+    val_size: int = 0
+
+
+@dataclass
+class OptimConfig:
+    name: Optimizer = Optimizer.sgd
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class SchedConfig:
+    name: Schedule = Schedule.step
+    decay_epochs: int = 30  # step: multiply lr by decay_rate every decay_epochs
+    decay_rate: float = 0.1
+    warmup_epochs: float = 0.0  # linear warmup from warmup_lr
+    warmup_lr: float = 1e-5
+    min_lr: float = 0.0  # cosine floor
+    per_step: bool = False  # update the lr every step (short runs) instead of every epoch
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 90
+    batch_size: int = 256
+    eval_batch_size: int = 0  # 0: same as batch_size
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: Amp = Amp.none
+    channels_last: bool = True
+    compile: bool = False
+    label_smoothing: float = 0.0
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+    log_every: int = 50  # steps between plain log lines (when stdout is not a terminal)
+    image_every: int = 5  # epochs between attention-map images in TensorBoard; 0 = off
+    limit_train_batches: int = 0  # smoke tests: stop each epoch after this many batches; 0 = all
+    limit_val_batches: int = 0
+    ckpt_every_steps: int = 0  # also checkpoint every N steps; 0 = only at epoch ends
+    deterministic: bool = False
+    sync_bn: bool = False
+
+
+@dataclass
+class PathsConfig:
+    log_dir: str = "runs"
+    output_dir: Optional[str] = "${hydra:runtime.output_dir}"
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = MISSING
+    attention: Any = MISSING
+    data: DataConfig = MISSING
+    optim: OptimConfig = MISSING
+    sched: SchedConfig = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    name: str = "train"
+    seed: int = 0
+    resume: Optional[str] = None  # null | auto | path to a checkpoint
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = MISSING
+    output: Optional[str] = None  # JSON path; default: eval_<checkpoint name>.json beside it
+    batch_size: int = 0  # 0: the training run's eval batch size
+    device: str = "auto"
+    data_root: Optional[str] = None  # where the data is now, if it moved since training
+    limit_val_batches: int = 0
+
+
+def register_configs() -> None:
+    """Register the schemas; YAML files name them in their defaults list (``base_<group>``)."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_train", node=TrainConfig)
+    cs.store(name="base_eval", node=EvalConfig)
+    for group, node in [
+        ("model", ModelConfig),
+        ("attention", AttentionConfig),
+        ("data", DataConfig),
+        ("optim", OptimConfig),
+        ("sched", SchedConfig),
+    ]:
+        cs.store(group=group, name=f"base_{group}", node=node)
+
+
+def to_container(cfg: DictConfig) -> dict:
+    """A resolved plain dict with enums as strings (for logging, checkpoints and ``create_model``)."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)

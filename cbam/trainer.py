@@ -1,0 +1,447 @@
+"""One training run: build everything from a resolved config, train, evaluate, log, checkpoint.
+
+Only the entry points know about Hydra; this module takes a plain dict (``cbam.config.to_container``)
+and a run directory. A run can be stopped at any step and resumed to exactly where it would have
+been: the data order and augmentation are functions of (seed, epoch, batch), the lr a function of
+(epoch, step), and a checkpoint holds everything else (weights, optimizer, scaler, meters, RNGs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from models import create_model
+
+from . import checkpoint as ckpt_io
+from . import distributed as dist
+from .data import build_batches
+from .errors import UserError
+from .metrics import Meter
+from .optim import build_optimizer, build_scheduler
+from .profile import count_gmacs, count_params
+from .tblog import log_attention, write_hparams
+
+log = logging.getLogger("cbam")
+
+
+def ns(d: dict) -> SimpleNamespace:
+    """Attribute access to one config group."""
+    return SimpleNamespace(**d)
+
+
+def validate(config: dict) -> None:
+    """Refuse values that no schema type can express, before any work starts."""
+    t, o, d = config["trainer"], config["optim"], config["data"]
+    problems = [
+        (o["lr"] <= 0, f"optim.lr must be > 0, got {o['lr']}"),
+        (t["batch_size"] < 1, f"trainer.batch_size must be >= 1, got {t['batch_size']}"),
+        (t["epochs"] < 1, f"trainer.epochs must be >= 1, got {t['epochs']}"),
+        (t["eval_batch_size"] < 0, f"trainer.eval_batch_size must be >= 0, got {t['eval_batch_size']}"),
+        (o["weight_decay"] < 0, f"optim.weight_decay must be >= 0, got {o['weight_decay']}"),
+        (not 0 <= t["label_smoothing"] < 1, f"trainer.label_smoothing must be in [0, 1), got {t['label_smoothing']}"),
+        (t["grad_clip"] < 0, f"trainer.grad_clip must be >= 0 (0 = off), got {t['grad_clip']}"),
+        (config["model"]["width"] <= 0, f"model.width must be > 0, got {config['model']['width']}"),
+        (d["num_classes"] < 1, f"data.num_classes must be >= 1, got {d['num_classes']}"),
+        (len(d["mean"]) != d["in_chans"] or len(d["std"]) != d["in_chans"],
+         f"data.mean and data.std need one value per channel (data.in_chans={d['in_chans']})"),
+        (d["name"] == "synthetic" and (d["train_size"] < 1 or d["val_size"] < 1),
+         "data.train_size and data.val_size must be >= 1 for the synthetic set"),
+    ]  # fmt: skip
+    for bad, message in problems:
+        if bad:
+            raise UserError(message)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{dist.local_rank()}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"trainer.device={name} but no CUDA device is available; use trainer.device=cpu or auto")
+    return device
+
+
+def build_model(config: dict) -> torch.nn.Module:
+    """The network a config describes (also used by ``eval.py``)."""
+    m, d = config["model"], config["data"]
+    stem = m["stem"] if m["stem"] != "auto" else ("cifar" if d["image_size"] <= 64 else "imagenet")
+    options = {k: v for k, v in m.items() if k not in ("arch", "stem") and v is not None}
+    return create_model(m["arch"], d["num_classes"], config["attention"], in_chans=d["in_chans"], stem=stem, **options)
+
+
+class StopRequest:
+    """SIGTERM / SIGINT ask the loop to stop after the current step; a second SIGINT stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("%s received: stopping after this step and writing a checkpoint", signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class NonFiniteError(UserError):
+    """The loss or the gradients became NaN or infinite."""
+
+
+class Trainer:
+    def __init__(self, config: dict, run_dir: Path):
+        validate(config)
+        self.config, self.run_dir = config, Path(run_dir)
+        self.t, self.d = ns(config["trainer"]), ns(config["data"])
+        self.device = resolve_device(self.t.device)
+        self.rank, self.world_size = dist.init_from_env(self.device)
+        self.main = self.rank == 0
+        self.run_dir = Path(dist.broadcast_object(str(self.run_dir)))  # rank 0's folder is the run's
+        if not self.main and Path(run_dir) != self.run_dir:
+            _remove_if_empty(Path(run_dir))
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        if self.t.batch_size % self.world_size:
+            raise UserError(
+                f"trainer.batch_size={self.t.batch_size} (the global batch) must be divisible by the "
+                f"{self.world_size} processes"
+            )
+        self.resume_path = self._resume_path(config.get("resume"))
+        if self.main:
+            self._check_writable()
+        if self.t.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        torch.manual_seed(config["seed"])
+
+        eval_batch = self.t.eval_batch_size or self.t.batch_size
+        self.train_batches, self.val_batches = build_batches(
+            self.d, self.t.batch_size // self.world_size, max(1, eval_batch // self.world_size), config["seed"],
+            self.device, self.rank, self.world_size,
+        )  # fmt: skip
+        self.steps_per_epoch = len(self.train_batches)
+        if self.t.limit_train_batches:
+            self.steps_per_epoch = min(self.steps_per_epoch, self.t.limit_train_batches)
+        if self.steps_per_epoch < 1:
+            raise UserError(
+                f"trainer.batch_size={self.t.batch_size} is larger than the training set "
+                f"({self.train_batches.num_samples} images): no full batch per epoch"
+            )
+
+        self.model = build_model(config)
+        self.params = count_params(self.model)
+        self.gmacs = count_gmacs(self.model, (self.d.in_chans, self.d.image_size, self.d.image_size))
+        self.model.to(self.device)
+        if self.t.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if self.world_size > 1 and self.t.sync_bn:
+            self.model = dist.convert_sync_batchnorm(self.model, self.device)
+        self.optimizer = build_optimizer(self.model, ns(config["optim"]))
+        self.scheduler = build_scheduler(self.optimizer, ns(config["sched"]), self.t.epochs, self.steps_per_epoch)
+        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.t.amp]
+        if self.amp_dtype is torch.float16 and self.device.type != "cuda":
+            raise UserError("trainer.amp=fp16 needs CUDA; use trainer.amp=bf16 or none on the CPU")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=self.t.label_smoothing)
+
+        self.train_model = self.model
+        if self.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if self.t.compile:
+            self.train_model = torch.compile(self.train_model)
+
+        # Progress: where the next step starts, and what has been measured so far.
+        self.epoch, self.next_batch, self.global_step = 0, 0, 0
+        self.best_top1, self.best_epoch, self.history = -1.0, -1, []
+        self.train_time, self.train_images = 0.0, 0
+        self.meter_state = None
+        if self.resume_path is not None:
+            self._load(self.resume_path)
+        self.writer = SummaryWriter(self.run_dir) if self.main else None
+
+    # ---- setup helpers -------------------------------------------------------------------------
+    def _resume_path(self, resume: str | None) -> Path | None:
+        last = self.ckpt_dir / "last.pt"
+        if resume is None:
+            if last.exists():
+                raise UserError(
+                    f"{self.run_dir} already holds a run ({last}); nothing was overwritten. Fix: pass resume=auto "
+                    "to continue it, or choose another hydra.run.dir."
+                )
+            return None
+        if resume == "auto":
+            return last if last.exists() else None
+        if not Path(resume).is_file():
+            raise UserError(f"resume={resume!r}: no such checkpoint file. Fix: pass an existing path, auto or null.")
+        return Path(resume)
+
+    def _check_writable(self) -> None:
+        try:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.ckpt_dir / f".write_test_{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise UserError(
+                f"cannot write to the output directory {self.run_dir} ({exc.strerror}). Fix: choose a writable "
+                "paths.log_dir or hydra.run.dir."
+            ) from None
+
+    def _load(self, path: Path) -> None:
+        ckpt = ckpt_io.load(path)
+        ckpt_io.check_same_architecture(ckpt["config"], self.config, path)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        p = ckpt["progress"]
+        self.epoch, self.next_batch, self.global_step = p["epoch"], p["next_batch"], p["global_step"]
+        self.best_top1, self.best_epoch, self.history = p["best_top1"], p["best_epoch"], p["history"]
+        self.train_time, self.train_images = p["train_time"], p["train_images"]
+        self.meter_state = ckpt.get("meter")
+        ckpt_io.set_rng_state(ckpt["rng"])
+        log.info(
+            "resumed from %s at epoch %d, batch %d (step %d)", path, self.epoch + 1, self.next_batch, self.global_step
+        )
+
+    def _save(self, name: str, meter: Meter | None) -> Path | None:
+        """Checkpoint (rank 0 only); refuses non-finite weights."""
+        if not self.main:
+            return None
+        for pname, p in self.model.named_parameters():
+            if not torch.isfinite(p).all():
+                raise NonFiniteError(
+                    f"parameter {pname} is not finite at step {self.global_step}; no checkpoint written"
+                )
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "config": self.config,
+            "progress": {
+                "epoch": self.epoch, "next_batch": self.next_batch, "global_step": self.global_step,
+                "best_top1": self.best_top1, "best_epoch": self.best_epoch, "history": self.history,
+                "train_time": self.train_time, "train_images": self.train_images,
+            },
+            "meter": meter.sums.cpu() if meter is not None else None,
+            "rng": ckpt_io.rng_state(),
+        }  # fmt: skip
+        path = self.ckpt_dir / name
+        ckpt_io.save_atomic(state, path)
+        return path
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.t.channels_last else x
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, meter: Meter) -> None:
+        self.scheduler.step_update(self.global_step)
+        with self.autocast():
+            logits = self.train_model(self._inputs(x))
+            loss = self.criterion(logits, y)
+        if not math.isfinite(loss.item()):
+            raise NonFiniteError(self._nonfinite_message("loss"))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip or math.inf)
+        if not self.scaler.is_enabled() and not math.isfinite(norm.item()):
+            raise NonFiniteError(self._nonfinite_message("gradient norm"))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        meter.update(loss, logits, y)
+        self.global_step += 1
+
+    def _nonfinite_message(self, what: str) -> str:
+        last = self.ckpt_dir / "last.pt"
+        where = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+        return (
+            f"the {what} is not finite at step {self.global_step} (epoch {self.epoch + 1}, batch {self.next_batch}); "
+            f"stopping without saving. {where}. Fix: lower optim.lr, set trainer.grad_clip, or use trainer.amp=bf16."
+        )
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        meter = Meter(self.device)
+        for i, (x, y) in enumerate(self.val_batches.batches()):
+            if self.t.limit_val_batches and i >= self.t.limit_val_batches:
+                break
+            with self.autocast():
+                logits = self.model(self._inputs(x))
+            meter.update(self.criterion(logits.float(), y), logits.float(), y)
+        self.model.train()
+        return meter.summary(dist.all_reduce_sum(meter.sums))
+
+    def run(self) -> dict | None:
+        """Train to ``trainer.epochs``; returns the results, or None when stopped by a signal."""
+        start_wall = time.time()
+        fixed_images = next(self.val_batches.batches())[0][:8]
+        if self.main and self.t.image_every and self.epoch == 0 and self.next_batch == 0:
+            log_attention(self.writer, self.model, self._inputs(fixed_images), 0)
+        log.info(
+            "%s: %s + %s on %s, %.3fM params, %.4f GMACs, %d steps/epoch, device %s x%d",
+            self.config["name"], self.config["model"]["arch"], self.config["attention"]["name"], self.d.name,
+            self.params / 1e6, self.gmacs, self.steps_per_epoch, self.device, self.world_size,
+        )  # fmt: skip
+        with StopRequest() as stop:
+            while self.epoch < self.t.epochs:
+                if dist.broadcast_flag(stop.requested, self.device):  # arrived during evaluation
+                    log.warning("stopped after epoch %d; checkpoint %s", self.epoch, self.ckpt_dir / "last.pt")
+                    dist.cleanup()
+                    return None
+                if not self._train_epoch(stop):
+                    return None
+                self._end_epoch(fixed_images)
+        results = self._results(time.time() - start_wall)
+        if self.main:
+            write_hparams(
+                self.writer, self.config, {k: results[k] for k in ("top1", "top5", "top1_err", "top5_err", "best_top1")}
+            )
+            self.writer.close()
+            _write_json(results, self.run_dir / "results.json")
+            log.info("done: top-1 %.2f%%, top-5 %.2f%% (best top-1 %.2f%%); results in %s",
+                     results["top1"], results["top5"], results["best_top1"], self.run_dir)  # fmt: skip
+        dist.cleanup()
+        return results
+
+    def _train_epoch(self, stop: StopRequest) -> bool:
+        """One epoch from ``next_batch`` on; False if a stop was requested (checkpoint written)."""
+        self.model.train()
+        self.scheduler.step(self.epoch)
+        meter = Meter(self.device, self.meter_state)
+        self.meter_state = None
+        bar = tqdm(
+            total=self.steps_per_epoch, initial=self.next_batch, desc=f"epoch {self.epoch + 1}/{self.t.epochs}",
+            disable=not (self.main and sys.stderr.isatty()), dynamic_ncols=True, leave=False,
+        )  # fmt: skip
+        tic, images = time.perf_counter(), 0
+        for x, y in self.train_batches.batches(self.epoch, self.next_batch):
+            if self.next_batch >= self.steps_per_epoch:
+                break
+            self.train_step(x, y, meter)
+            self.next_batch += 1
+            images += x.shape[0] * self.world_size
+            if self.global_step % self.t.log_every == 0 or self.next_batch == self.steps_per_epoch:
+                self._log_progress(meter, bar, images / (time.perf_counter() - tic))
+            bar.update(1)
+            if self.t.ckpt_every_steps and self.global_step % self.t.ckpt_every_steps == 0:
+                self._account(tic, images)
+                tic, images = time.perf_counter(), 0
+                self._save("last.pt", meter)
+            if dist.broadcast_flag(stop.requested, self.device) and self.next_batch < self.steps_per_epoch:
+                bar.close()
+                self._account(tic, images)
+                path = self._save("last.pt", meter)
+                if self.main:
+                    log.warning("stopped at epoch %d, batch %d; checkpoint %s. Continue with resume=auto (same "
+                                "hydra.run.dir) or resume=%s", self.epoch + 1, self.next_batch, path, path)  # fmt: skip
+                dist.cleanup()
+                return False
+        bar.close()
+        self._account(tic, images)
+        self.train_summary = meter.summary(dist.all_reduce_sum(meter.sums))
+        return True
+
+    def _account(self, tic: float, images: int) -> None:
+        self.train_time += time.perf_counter() - tic
+        self.train_images += images
+
+    def _log_progress(self, meter: Meter, bar: tqdm, img_per_s: float) -> None:
+        if not self.main:
+            return
+        s = meter.summary()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.writer.add_scalar("train/loss_step", s["loss"], self.global_step)
+        if bar.disable:
+            eta = (
+                (self.steps_per_epoch - self.next_batch) * s["samples"] / max(img_per_s, 1e-9) / max(self.next_batch, 1)
+            )
+            log.info("epoch %d/%d step %d/%d loss %.4f top-1 %.2f%% lr %.4g %.0f img/s eta %.0fs",
+                     self.epoch + 1, self.t.epochs, self.next_batch, self.steps_per_epoch, s["loss"], s["top1"],
+                     lr, img_per_s, eta)  # fmt: skip
+        else:
+            bar.set_postfix(loss=f"{s['loss']:.4f}", top1=f"{s['top1']:.2f}", img_s=f"{img_per_s:.0f}", lr=f"{lr:.3g}")
+
+    def _end_epoch(self, fixed_images: torch.Tensor) -> None:
+        epoch_tic = time.perf_counter()
+        val = self.evaluate()
+        train = self.train_summary
+        self.epoch, self.next_batch = self.epoch + 1, 0
+        is_best = val["top1"] > self.best_top1
+        if is_best:
+            self.best_top1, self.best_epoch = val["top1"], self.epoch
+        self.history.append({"epoch": self.epoch, "train": train, "val": val,
+                             "lr": self.optimizer.param_groups[0]["lr"]})  # fmt: skip
+        self._save("last.pt", None)
+        if is_best and self.main:
+            ckpt_io.save_atomic(torch.load(self.ckpt_dir / "last.pt", weights_only=True), self.ckpt_dir / "best.pt")
+        if not self.main:
+            return
+        w = self.writer
+        for split, s in (("train", train), ("val", val)):
+            for k in ("loss", "top1", "top5", "top1_err", "top5_err"):
+                w.add_scalar(f"{split}/{k}", s[k], self.epoch)
+        w.add_scalar("lr", self.optimizer.param_groups[0]["lr"], self.epoch)
+        w.add_scalar("throughput/train_img_per_s", self.train_images / max(self.train_time, 1e-9), self.epoch)
+        w.add_scalar("time/train_s_total", self.train_time, self.epoch)
+        if self.t.image_every and (self.epoch % self.t.image_every == 0 or self.epoch == self.t.epochs):
+            log_attention(w, self.model, self._inputs(fixed_images), self.epoch)
+        w.add_scalar("time/eval_s", time.perf_counter() - epoch_tic, self.epoch)
+        w.flush()
+        log.info("epoch %d/%d: train loss %.4f top-1 %.2f%% | val loss %.4f top-1 %.2f%% top-5 %.2f%%%s",
+                 self.epoch, self.t.epochs, train["loss"], train["top1"], val["loss"], val["top1"], val["top5"],
+                 " (best)" if is_best else "")  # fmt: skip
+
+    def _results(self, wall_s: float) -> dict:
+        final = self.history[-1]["val"]
+        return {
+            "status": "finished",
+            "top1": final["top1"], "top5": final["top5"], "top1_err": final["top1_err"], "top5_err": final["top5_err"],
+            "val_loss": final["loss"], "best_top1": self.best_top1, "best_epoch": self.best_epoch,
+            "params": self.params, "gmacs": self.gmacs, "epochs": self.epoch, "steps": self.global_step,
+            "wall_s": wall_s, "train_s": self.train_time,
+            "train_img_per_s": self.train_images / max(self.train_time, 1e-9),
+            "history": self.history, "config": self.config,
+        }  # fmt: skip
+
+
+def _remove_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
+def _write_json(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)

@@ -1,0 +1,88 @@
+#!/usr/bin/env python
+"""Evaluate a checkpoint on its validation split: ``python eval.py checkpoint=runs/.../last.pt``.
+
+The model and data are rebuilt from the config stored in the checkpoint. Prints top-1/top-5 accuracy
+and error, params, GMACs and images/s, and writes them as JSON (``output=``, default beside the
+checkpoint as ``eval_<name>.json``).
+"""
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from cbam.config import register_configs
+from cbam.errors import UserError
+
+register_configs()
+log = logging.getLogger("cbam")
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> dict:
+    import torch
+
+    from cbam import checkpoint as ckpt_io
+    from cbam.data import build_batches
+    from cbam.metrics import Meter
+    from cbam.profile import count_gmacs, count_params
+    from cbam.trainer import build_model, ns, resolve_device
+
+    path = Path(cfg.checkpoint)
+    ckpt = ckpt_io.load(path)
+    config = ckpt["config"]
+    data = dict(config["data"], root=cfg.data_root or config["data"]["root"])
+    trainer = config["trainer"]
+    device = resolve_device(cfg.device)
+    batch_size = cfg.batch_size or trainer["eval_batch_size"] or trainer["batch_size"]
+    _, val_batches = build_batches(ns(data), 1, batch_size, config["seed"], device)
+    model = build_model(config)
+    model.load_state_dict(ckpt["model"])
+    params, gmacs = count_params(model), count_gmacs(model, (data["in_chans"], data["image_size"], data["image_size"]))
+    model.to(device).eval()
+    channels_last = trainer["channels_last"]
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[trainer["amp"]]
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=trainer["label_smoothing"])
+    meter, images, tic = Meter(device), 0, time.perf_counter()
+    with torch.no_grad():
+        for i, (x, y) in enumerate(val_batches.batches()):
+            if cfg.limit_val_batches and i >= cfg.limit_val_batches:
+                break
+            x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                logits = model(x)
+            meter.update(criterion(logits.float(), y), logits.float(), y)
+            images += len(y)
+    summary = meter.summary()
+    return {
+        "checkpoint": str(path), "top1": summary["top1"], "top5": summary["top5"], "top1_err": summary["top1_err"],
+        "top5_err": summary["top5_err"], "loss": summary["loss"], "images": images, "params": params, "gmacs": gmacs,
+        "img_per_s": images / (time.perf_counter() - tic), "epoch": ckpt["progress"]["epoch"],
+        "model": config["model"]["arch"], "attention": config["attention"]["name"], "data": data["name"],
+    }  # fmt: skip
+
+
+@hydra.main(config_path="configs", config_name="eval", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        results = evaluate_checkpoint(cfg)
+    except UserError as exc:
+        log.error("error: %s", exc)
+        sys.exit(2)
+    output = Path(cfg.output or Path(cfg.checkpoint).with_name(f"eval_{Path(cfg.checkpoint).stem}.json"))
+    output.write_text(json.dumps(results, indent=2))
+    print(
+        f"{results['model']} + {results['attention']} on {results['data']} (epoch {results['epoch']}): "
+        f"top-1 {results['top1']:.2f}% (err {results['top1_err']:.2f}), top-5 {results['top5']:.2f}% "
+        f"(err {results['top5_err']:.2f}), {results['params'] / 1e6:.3f}M params, {results['gmacs']:.4f} GMACs, "
+        f"{results['img_per_s']:.0f} img/s -> {output}"
+    )
+
+
+if __name__ == "__main__":
+    main()

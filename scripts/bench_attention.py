@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""Cost of attention in a backbone, measured side by side in one process.
+
+    python scripts/bench_attention.py                                 # ResNet-50, 224x224, batch 16, CPU
+    python scripts/bench_attention.py --device cuda --amp bf16 --channels-last --batch 64
+
+For no attention, SE, CBAM (each implementation of this project) and timm's CBAM in the same
+backbone, measures the training-step time (forward, backward, SGD step), the inference time and the
+bytes of activations saved for backward (``torch.autograd.graph.saved_tensors_hooks``, each storage
+counted once). Variants are interleaved and each figure is the median of ``--reps`` repetitions;
+everything is printed as a ratio to no attention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cbam.spec import IMPLS  # noqa: E402
+from models import create_model  # noqa: E402
+
+
+def timm_cbam_model(arch: str, **kwargs) -> nn.Module:
+    """Our backbone with timm's ``CbamModule`` in each block's attention slot (MLP with bias, r=16)."""
+    from timm.layers import CbamModule
+
+    model = create_model(arch, attention="none", **kwargs)
+    for block in model.modules():
+        if hasattr(block, "attn") and hasattr(block, "placement"):
+            channels = (block.bn3 if hasattr(block, "bn3") else block.bn2).num_features
+            block.attn = CbamModule(channels, rd_ratio=1 / 16, rd_divisor=1, mlp_bias=True, spatial_kernel_size=7)
+    return model
+
+
+def variants(arch: str) -> dict:
+    out = {"none": lambda: create_model(arch, attention="none"), "se": lambda: create_model(arch, attention="se")}
+    for impl in IMPLS:
+        out[f"cbam ({impl})"] = lambda impl=impl: create_model(arch, attention={"preset": "cbam", "impl": impl})
+    out["timm cbam"] = lambda: timm_cbam_model(arch)
+    return out
+
+
+def saved_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Bytes of distinct storages that autograd saves for backward in one training forward."""
+    storages: dict[tuple[int, int], int] = {}
+
+    def pack(t: torch.Tensor):
+        s = t.untyped_storage()
+        storages[(s.data_ptr(), s.nbytes())] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for (ptr, _), n in storages.items() if ptr not in params)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--only", nargs="*", help="subset of variants")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, 1000, (args.batch,), device=device)
+    builders = {k: v for k, v in variants(args.arch).items() if not args.only or k in args.only or k == "none"}
+    models = {k: b().to(device).to(memory_format=fmt) for k, b in builders.items()}
+    optims = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def train_step(name):
+        m, opt = models[name], optims[name]
+        m.train()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = nn.functional.cross_entropy(m(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    @torch.no_grad()
+    def infer(name):
+        models[name].eval()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            models[name](x)
+
+    def timed(fn, name):
+        sync()
+        tic = time.perf_counter()
+        fn(name)
+        sync()
+        return time.perf_counter() - tic
+
+    for _ in range(args.warmup):
+        for name in models:
+            train_step(name)
+            infer(name)
+    times = {name: {"train": [], "infer": []} for name in models}
+    for _ in range(args.reps):  # interleaved: drift in machine speed hits every variant alike
+        for name in models:
+            times[name]["train"].append(timed(train_step, name))
+            times[name]["infer"].append(timed(infer, name))
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        memory = {name: saved_bytes(models[name].train(), x, y) for name in models}
+
+    base_train = statistics.median(times["none"]["train"])
+    base_infer = statistics.median(times["none"]["infer"])
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
+    print(f"{args.arch}, {args.image_size}x{args.image_size}, batch {args.batch}, {dev}, amp={args.amp}, "
+          f"channels_last={args.channels_last}, median of {args.reps}, torch {torch.__version__}\n")  # fmt: skip
+    print("| variant | train step (s) | train ratio | inference (s) | inference ratio | saved MiB | saved ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for name in models:
+        tr, inf = statistics.median(times[name]["train"]), statistics.median(times[name]["infer"])
+        print(f"| {name} | {tr:.4f} | {tr / base_train:.3f}x | {inf:.4f} | {inf / base_infer:.3f}x | "
+              f"{memory[name] / 2**20:.1f} | {memory[name] / memory['none']:.3f}x |")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Every model x attention x data config composes (Hydra's compose API), and bad input is refused."""
+
+import itertools
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
+
+from cbam import PRESETS
+from cbam.config import register_configs, to_container
+from models import ARCHS
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+register_configs()
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+def compose_train(*overrides: str) -> dict:
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.paths.output_dir = "/tmp/unused"
+    return to_container(cfg)
+
+
+def test_config_files_match_the_code():
+    assert options("model") == sorted(ARCHS)
+    assert options("attention") == sorted(PRESETS)
+    assert options("data") == sorted(["cifar10", "cifar100", "fashion_mnist", "imagenet", "synthetic"])
+
+
+def test_every_model_attention_data_composes():
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        for model, attention, data in itertools.product(options("model"), options("attention"), options("data")):
+            cfg = compose("train", overrides=[f"model={model}", f"attention={attention}", f"data={data}"])
+            assert cfg.model.arch.value == model and cfg.attention.name == attention and cfg.data.name.value == data
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_attention_files_equal_the_presets(preset):
+    """A config file and the library preset of the same name describe the same module."""
+    from cbam import resolve_spec
+
+    assert resolve_spec(compose_train(f"attention={preset}")["attention"]) == PRESETS[preset]
+
+
+def test_defaults_are_resnet18_cbam_cifar10_with_the_papers_recipe():
+    cfg = compose_train()
+    assert cfg["model"]["arch"] == "resnet18" and cfg["attention"]["name"] == "cbam"
+    assert cfg["data"]["name"] == "cifar10"
+    assert cfg["optim"] == {**cfg["optim"], "name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}
+    assert cfg["sched"]["name"] == "step" and cfg["sched"]["decay_epochs"] == 30 and cfg["sched"]["decay_rate"] == 0.1
+
+
+def test_quickstart_recipe():
+    cfg = compose_train("experiment=quickstart")
+    assert (cfg["model"]["arch"], cfg["model"]["stem"], cfg["model"]["width"]) == ("resnet18", "cifar", 0.25)
+    assert cfg["attention"]["name"] == "cbam" and cfg["data"]["name"] == "fashion_mnist"
+
+
+def test_sweepable_attention_fields():
+    cfg = compose_train(
+        "attention=cbam", "attention.kernel_size=3", "attention.order=parallel", "attention.reduction=8"
+    )
+    assert (cfg["attention"]["kernel_size"], cfg["attention"]["order"], cfg["attention"]["reduction"]) == (
+        3,
+        "parallel",
+        8,
+    )
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("attention.pool=median", "Invalid value 'median'"),
+        ("trainer.epochs=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
+        ("model=resnet51", "Could not find 'model/resnet51'"),
+        ("data.name=mnist", "Invalid value 'mnist'"),
+        ("attention.kernel_size=3.5", "could not be converted to Integer"),
+    ],
+)
+def test_bad_values_fail_at_compose_time(override, message):
+    with pytest.raises(Exception) as info:
+        compose_train(override)
+    chain = f"{info.value} {info.value.__cause__}"  # Hydra's message and OmegaConf's detail
+    assert message in chain
+
+
+def test_resolved_config_is_plain():
+    cfg = compose_train("experiment=quickstart")
+    assert OmegaConf.create(cfg)  # plain types only: enums became strings
+    assert cfg["model"]["stem"] == "cifar" and isinstance(cfg["attention"]["order"], str)

@@ -1,0 +1,153 @@
+"""Real train.py / eval.py processes on synthetic data, Fashion-MNIST, CIFAR pickles and JPEG folders."""
+
+import json
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cbam.data import load_cifar
+from conftest import needs_fmnist
+from helpers import TINY, results, run, train, write_cifar, write_image_folder
+
+SMOKE = ["experiment=smoke", *TINY]
+
+
+def events(run_dir):
+    acc = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0, "histograms": 0})
+    acc.Reload()
+    return acc
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("smoke")
+    train(run_dir, *SMOKE)
+    return run_dir
+
+
+def test_synthetic_run_writes_everything(smoke_run):
+    r = results(smoke_run)
+    for key in ("top1", "top5", "top1_err", "top5_err", "best_top1", "params", "gmacs", "epochs", "wall_s",
+                "train_img_per_s"):  # fmt: skip
+        assert key in r, key
+    assert r["epochs"] == 2 and r["status"] == "finished"
+    assert r["top1"] + r["top1_err"] == pytest.approx(100) and r["top5"] >= r["top1"]
+    assert r["best_top1"] == max(h["val"]["top1"] for h in r["history"])
+    assert (smoke_run / "checkpoints" / "last.pt").is_file() and (smoke_run / "checkpoints" / "best.pt").is_file()
+    assert (smoke_run / ".hydra" / "config.yaml").is_file()
+    assert not list(smoke_run.rglob("*.tmp"))
+
+
+def test_tensorboard_has_scalars_hparams_images_histograms(smoke_run):
+    acc = events(smoke_run)
+    tags = acc.Tags()
+    for tag in ("train/loss", "val/top1", "val/top5", "val/top1_err", "lr", "throughput/train_img_per_s"):
+        assert tag in tags["scalars"], tag
+    assert [e.step for e in acc.Scalars("val/top1")] == [1, 2]
+    assert acc.Scalars("val/top1")[-1].value == pytest.approx(results(smoke_run)["top1"])
+    assert "attention/spatial_32x32" in tags["images"] and "attention/inputs" in tags["images"]
+    assert any(t.startswith("attention/channel_weights_layer") for t in tags["histograms"])
+    # hparams live in the run's own folder: no extra sub-run folder
+    assert "hparam/top1" in tags["scalars"]
+    assert [p.name for p in smoke_run.iterdir() if p.is_dir()] == sorted(["checkpoints", ".hydra"]) or all(
+        p.name in ("checkpoints", ".hydra") for p in smoke_run.iterdir() if p.is_dir()
+    )
+    plugin = acc.PluginTagToContent("hparams")
+    assert "_hparams_/experiment" in plugin and "_hparams_/session_start_info" in plugin
+
+
+def test_eval_reproduces_final_accuracy_exactly(smoke_run, tmp_path):
+    out = tmp_path / "eval.json"
+    proc = run("eval.py", f"checkpoint={smoke_run / 'checkpoints' / 'last.pt'}", f"output={out}")
+    ev, r = json.loads(out.read_text()), results(smoke_run)
+    assert ev["top1"] == r["top1"] and ev["top5"] == r["top5"] and ev["top1_err"] == r["top1_err"]
+    assert ev["params"] == r["params"] and ev["gmacs"] == r["gmacs"] and ev["img_per_s"] > 0
+    assert "top-1" in proc.stdout
+
+
+def test_resume_auto_continues_from_the_next_epoch(tmp_path):
+    train(tmp_path, *SMOKE, "trainer.epochs=1")
+    first = results(tmp_path)
+    proc = train(tmp_path, *SMOKE, "trainer.epochs=2", "resume=auto")
+    assert "resumed from" in proc.stderr + proc.stdout and "at epoch 2, batch 0" in proc.stderr + proc.stdout
+    r = results(tmp_path)
+    assert [h["epoch"] for h in r["history"]] == [1, 2]
+    assert r["history"][0] == first["history"][0]
+
+
+def test_same_run_dir_without_resume_is_refused(smoke_run):
+    before = (smoke_run / "checkpoints" / "last.pt").read_bytes()
+    proc = train(smoke_run, *SMOKE, check=False)
+    _refused(proc, "already holds a run", "resume=auto")
+    assert (smoke_run / "checkpoints" / "last.pt").read_bytes() == before
+
+
+@needs_fmnist
+def test_short_real_fashion_mnist_run(tmp_path):
+    train(tmp_path, "experiment=quickstart", "trainer.epochs=1", "trainer.limit_train_batches=40",
+          "trainer.batch_size=128")  # fmt: skip
+    r = results(tmp_path)
+    assert r["history"][0]["val"]["samples"] == 10000  # the real test set
+    assert r["top1"] > 50  # 40 steps of 128 images learn something real
+    assert events(tmp_path).Tags()["images"]
+    out = tmp_path / "eval.json"
+    run("eval.py", f"checkpoint={tmp_path / 'checkpoints' / 'last.pt'}", f"output={out}")
+    assert json.loads(out.read_text())["top1"] == r["top1"]
+
+
+@pytest.mark.parametrize("kind", ["cifar10", "cifar100"])
+def test_cifar_loaders_read_the_pickled_format(tmp_path, kind):
+    written = write_cifar(tmp_path, kind)
+    train_split, test_split = load_cifar(kind, str(tmp_path), download=False)
+    first = "data_batch_1" if kind == "cifar10" else "train"
+    data, labels = written[first]
+    assert train_split.images.shape == (100, 3, 32, 32) and train_split.images.dtype == torch.uint8
+    # row layout: 1024 red, then green, then blue values, each row-major 32x32
+    assert torch.equal(train_split.images[0], torch.from_numpy(data[0].reshape(3, 32, 32)))
+    assert train_split.labels[: len(labels)].tolist() == labels
+    assert test_split.images.shape[0] == 20
+
+
+def test_cifar10_trains_from_pickles(tmp_path):
+    write_cifar(tmp_path / "data", "cifar10")
+    train(tmp_path / "run", "data=cifar10", f"data.root={tmp_path / 'data'}", "data.download=false",
+          "trainer.epochs=1", "trainer.batch_size=25", *TINY)  # fmt: skip
+    assert results(tmp_path / "run")["history"][0]["val"]["samples"] == 20
+
+
+def test_image_folder_of_jpegs_trains(tmp_path):
+    write_image_folder(tmp_path / "imgs")
+    train(tmp_path / "run", "data=imagenet", f"data.root={tmp_path / 'imgs'}", "data.num_classes=2",
+          "data.image_size=32", "data.resize_size=36", "data.workers=0", "trainer.batch_size=4",
+          "trainer.epochs=1", *TINY)  # fmt: skip
+    r = results(tmp_path / "run")
+    assert r["history"][0]["val"]["samples"] == 12 and r["steps"] == 3
+
+
+# ---- user errors: one message naming problem and fix, exit 2, no traceback ------------------------
+def _refused(proc, *phrases):
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text
+    assert "Traceback" not in text, text
+    for phrase in phrases:
+        assert phrase in text, text
+
+
+def test_missing_dataset(tmp_path):
+    proc = train(tmp_path / "run", "data=cifar10", f"data.root={tmp_path}/nowhere", "data.download=false", check=False)
+    _refused(proc, "cifar10 not found under data.root=", "Fix:")
+
+
+def test_unknown_group_option(tmp_path):
+    _refused(train(tmp_path, "model=resnet51", check=False), "Could not find 'model/resnet51'", "resnet50")
+
+
+def test_wrong_value_type(tmp_path):
+    _refused(train(tmp_path, "trainer.epochs=ten", check=False), "trainer.epochs", "could not be converted to Integer")
+
+
+def test_checkpoint_of_another_architecture(smoke_run, tmp_path):
+    ckpt = smoke_run / "checkpoints" / "last.pt"
+    proc = train(tmp_path, *SMOKE, "attention=se", f"resume={ckpt}", check=False)
+    _refused(proc, "holds another architecture", "attention.spatial=True (this run: False)", "Fix:")
