@@ -177,7 +177,7 @@ class Trainer:
         # Progress: where the next step starts, and what has been measured so far.
         self.epoch, self.next_batch, self.global_step = 0, 0, 0
         self.best_top1, self.best_epoch, self.history = -1.0, -1, []
-        self.train_time, self.train_images = 0.0, 0
+        self.train_time, self.train_images, self.wall_before = 0.0, 0, 0.0
         self.meter_state = None
         if self.resume_path is not None:
             self._load(self.resume_path)
@@ -220,7 +220,7 @@ class Trainer:
         p = ckpt["progress"]
         self.epoch, self.next_batch, self.global_step = p["epoch"], p["next_batch"], p["global_step"]
         self.best_top1, self.best_epoch, self.history = p["best_top1"], p["best_epoch"], p["history"]
-        self.train_time, self.train_images = p["train_time"], p["train_images"]
+        self.train_time, self.train_images, self.wall_before = p["train_time"], p["train_images"], p["wall_s"]
         self.meter_state = ckpt.get("meter")
         ckpt_io.set_rng_state(ckpt["rng"])
         log.info(
@@ -245,6 +245,7 @@ class Trainer:
                 "epoch": self.epoch, "next_batch": self.next_batch, "global_step": self.global_step,
                 "best_top1": self.best_top1, "best_epoch": self.best_epoch, "history": self.history,
                 "train_time": self.train_time, "train_images": self.train_images,
+                "wall_s": self.wall_before + time.time() - self.start_wall,
             },
             "meter": meter.sums.cpu() if meter is not None else None,
             "rng": ckpt_io.rng_state(),
@@ -303,7 +304,7 @@ class Trainer:
 
     def run(self) -> dict | None:
         """Train to ``trainer.epochs``; returns the results, or None when stopped by a signal."""
-        start_wall = time.time()
+        self.start_wall = time.time()
         fixed_images = next(self.val_batches.batches())[0][:8]
         if self.main and self.t.image_every and self.epoch == 0 and self.next_batch == 0:
             log_attention(self.writer, self.model, self._inputs(fixed_images), 0)
@@ -321,7 +322,7 @@ class Trainer:
                 if not self._train_epoch(stop):
                     return None
                 self._end_epoch(fixed_images)
-        results = self._results(time.time() - start_wall)
+        results = self._results(self.wall_before + time.time() - self.start_wall)
         if self.main:
             write_hparams(
                 self.writer, self.config, {k: results[k] for k in ("top1", "top5", "top1_err", "top5_err", "best_top1")}
@@ -336,6 +337,7 @@ class Trainer:
     def _train_epoch(self, stop: StopRequest) -> bool:
         """One epoch from ``next_batch`` on; False if a stop was requested (checkpoint written)."""
         self.model.train()
+        self.epoch_tic = time.perf_counter()
         self.scheduler.step(self.epoch)
         meter = Meter(self.device, self.meter_state)
         self.meter_state = None
@@ -392,7 +394,7 @@ class Trainer:
             bar.set_postfix(loss=f"{s['loss']:.4f}", top1=f"{s['top1']:.2f}", img_s=f"{img_per_s:.0f}", lr=f"{lr:.3g}")
 
     def _end_epoch(self, fixed_images: torch.Tensor) -> None:
-        epoch_tic = time.perf_counter()
+        eval_tic = time.perf_counter()
         val = self.evaluate()
         train = self.train_summary
         self.epoch, self.next_batch = self.epoch + 1, 0
@@ -415,7 +417,8 @@ class Trainer:
         w.add_scalar("time/train_s_total", self.train_time, self.epoch)
         if self.t.image_every and (self.epoch % self.t.image_every == 0 or self.epoch == self.t.epochs):
             log_attention(w, self.model, self._inputs(fixed_images), self.epoch)
-        w.add_scalar("time/eval_s", time.perf_counter() - epoch_tic, self.epoch)
+        w.add_scalar("time/eval_s", time.perf_counter() - eval_tic, self.epoch)
+        w.add_scalar("time/epoch_s", time.perf_counter() - self.epoch_tic, self.epoch)
         w.flush()
         log.info("epoch %d/%d: train loss %.4f top-1 %.2f%% | val loss %.4f top-1 %.2f%% top-5 %.2f%%%s",
                  self.epoch, self.t.epochs, train["loss"], train["top1"], val["loss"], val["top1"], val["top5"],

@@ -205,27 +205,28 @@ def torchrun(run_dir, *overrides):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one_process(tmp_path):
-    """After one step of the same global batch, 2 processes (gloo, synchronised BN) and 1 process agree
-    to float precision. (Over many steps at lr 0.1 rounding differences grow, as in any two runs that
-    sum in a different order, so the comparison is made where it is meaningful.)"""
-    common = ["experiment=smoke", *TINY, "trainer.sync_bn=true", "trainer.batch_size=64", "trainer.image_every=0"]
-    one_step = ["trainer.epochs=1", "trainer.limit_train_batches=1"]
-    train(tmp_path / "single", *common, *one_step)
-    torchrun(tmp_path / "ddp", *common, *one_step)
+    """Two epochs of the same global batch: 2 processes (gloo, synchronised BN) and 1 process agree to
+    float precision. Summation order differs between the two, and SGD amplifies such rounding
+    differences step by step; at lr 0.01 over 16 steps they stay around 1e-5."""
+    common = ["experiment=smoke", *TINY, "trainer.sync_bn=true", "trainer.batch_size=64", "trainer.image_every=0",
+              "optim.lr=0.01"]  # fmt: skip
+    train(tmp_path / "single", *common)
+    torchrun(tmp_path / "ddp", *common)
     single, ddp = results(tmp_path / "single"), results(tmp_path / "ddp")
-    for split in ("train", "val"):
-        hs, hd = single["history"][0][split], ddp["history"][0][split]
-        assert hd["samples"] == hs["samples"]
-        assert hd["loss"] == pytest.approx(hs["loss"], rel=1e-5)
-        assert hd["top1"] == pytest.approx(hs["top1"], abs=100 / hs["samples"])  # at most one borderline image
+    for h_single, h_ddp in zip(single["history"], ddp["history"], strict=True):
+        for split in ("train", "val"):
+            hs, hd = h_single[split], h_ddp[split]
+            assert hd["samples"] == hs["samples"]
+            assert hd["loss"] == pytest.approx(hs["loss"], rel=1e-4)
+            assert hd["top1"] == pytest.approx(hs["top1"], abs=100 / hs["samples"])  # at most one borderline image
     ws, wd = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
     for k in ws:
         if ws[k].is_floating_point():
-            torch.testing.assert_close(wd[k], ws[k], rtol=1e-3, atol=1e-4)
+            torch.testing.assert_close(wd[k], ws[k], rtol=1e-3, atol=1e-3)
     # one TensorBoard run, one set of checkpoints, written by rank 0
     assert len(list((tmp_path / "ddp").glob("events.out.tfevents.*"))) == 1
     assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
-    # resume under torchrun: continue to a second, full epoch
-    torchrun(tmp_path / "ddp", *common, "trainer.epochs=2", "resume=auto")
+    # resume under torchrun: continue to a third epoch
+    torchrun(tmp_path / "ddp", *common, "trainer.epochs=3", "resume=auto")
     r = results(tmp_path / "ddp")
-    assert r["epochs"] == 2 and r["steps"] == 1 + 8
+    assert r["epochs"] == 3 and r["steps"] == 3 * 8 and r["history"][:2] == ddp["history"]

@@ -42,7 +42,15 @@ def test_synthetic_run_writes_everything(smoke_run):
 def test_tensorboard_has_scalars_hparams_images_histograms(smoke_run):
     acc = events(smoke_run)
     tags = acc.Tags()
-    for tag in ("train/loss", "val/top1", "val/top5", "val/top1_err", "lr", "throughput/train_img_per_s"):
+    for tag in (
+        "train/loss",
+        "val/top1",
+        "val/top5",
+        "val/top1_err",
+        "lr",
+        "throughput/train_img_per_s",
+        "time/epoch_s",
+    ):
         assert tag in tags["scalars"], tag
     assert [e.step for e in acc.Scalars("val/top1")] == [1, 2]
     assert acc.Scalars("val/top1")[-1].value == pytest.approx(results(smoke_run)["top1"])
@@ -74,6 +82,7 @@ def test_resume_auto_continues_from_the_next_epoch(tmp_path):
     r = results(tmp_path)
     assert [h["epoch"] for h in r["history"]] == [1, 2]
     assert r["history"][0] == first["history"][0]
+    assert r["wall_s"] > first["wall_s"]  # wall time adds up across the two processes
 
 
 def test_same_run_dir_without_resume_is_refused(smoke_run):
