@@ -65,12 +65,39 @@ def random_crop_flip(x: torch.Tensor, padding: int, gen: torch.Generator) -> tor
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
-class TensorBatches:
-    """Batches of an in-memory uint8 image tensor, normalised (and augmented) on ``device``.
+class _Batches:
+    """The batch order shared by both iterators.
 
-    With ``world_size`` > 1, each global batch of ``batch_size * world_size`` images is split
-    between the ranks, so the union of the ranks' batches equals a single process's global batch.
+    Training: the epoch's permutation (a function of seed and epoch) cut into global batches of
+    ``batch_size * world_size``, the last partial one dropped; rank r takes the r-th slice of each, so
+    the ranks together see exactly what a single process would. Evaluation: the data in order, every
+    image once; rank r takes every world_size-th image of each global batch (counts are summed).
     """
+
+    def __init__(self, num_samples: int, batch_size: int, train: bool, seed: int, rank: int, world_size: int):
+        self.num_samples, self.batch_size, self.train, self.seed = num_samples, batch_size, train, seed
+        self.rank, self.world_size = rank, world_size
+        self.global_batch = batch_size * world_size
+
+    def __len__(self) -> int:
+        if self.train:
+            return self.num_samples // self.global_batch
+        return -(-self.num_samples // self.global_batch)
+
+    def _global_batches(self, epoch: int, start: int) -> Iterator[tuple[int, torch.Tensor]]:
+        order = epoch_order(self.num_samples, self.seed, epoch) if self.train else torch.arange(self.num_samples)
+        for i in range(start, len(self)):
+            yield i, order[i * self.global_batch : (i + 1) * self.global_batch]
+
+    def _rank_part(self, batch: torch.Tensor) -> slice:
+        """This rank's share of a global batch (positions in it)."""
+        if self.train:
+            return slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        return slice(self.rank, None, self.world_size)
+
+
+class TensorBatches(_Batches):
+    """Batches of an in-memory uint8 image tensor, normalised (and augmented) on ``device``."""
 
     def __init__(
         self,
@@ -87,43 +114,26 @@ class TensorBatches:
         rank: int = 0,
         world_size: int = 1,
     ):
+        super().__init__(len(labels), batch_size, train, seed, rank, world_size)
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
-        self.batch_size, self.train, self.seed = batch_size, train, seed
         self.augment, self.crop_padding = augment and train, crop_padding
-        self.rank, self.world_size = rank, world_size
         self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1) * 255
 
-    @property
-    def num_samples(self) -> int:
-        return len(self.labels)
-
-    def __len__(self) -> int:
-        global_batch = self.batch_size * self.world_size
-        if self.train:  # drop the last partial batch, as the paper's recipe does
-            return self.num_samples // global_batch
-        return -(-self.num_samples // global_batch)
-
     def batches(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (images, labels) of ``epoch`` from batch ``start`` on."""
-        global_batch = self.batch_size * self.world_size
-        order = epoch_order(self.num_samples, self.seed, epoch) if self.train else torch.arange(self.num_samples)
-        for i in range(start, len(self)):
-            idx = order[i * global_batch : (i + 1) * global_batch]
-            if not self.train:  # evaluation: ranks take interleaved images; counts are summed
-                idx = idx[self.rank :: self.world_size]
-            x = self.images[idx.to(self.device)].float()
-            if self.augment:
-                x = random_crop_flip(x, self.crop_padding, _generator(self.seed, epoch, i))
-            if self.train and self.world_size > 1:
-                part = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-                x, idx = x[part], idx[part]
-            yield (x - self.mean) / self.std, self.labels[idx.to(self.device)]
+        for i, idx in self._global_batches(epoch, start):
+            idx, part = idx.to(self.device), self._rank_part(idx)
+            if self.augment:  # drawn for the whole global batch: the same crops whatever the world size
+                x = random_crop_flip(self.images[idx].float(), self.crop_padding, _generator(self.seed, epoch, i))[part]
+            else:
+                x = self.images[idx[part]].float()
+            yield (x - self.mean) / self.std, self.labels[idx[part]]
 
 
-class FolderBatches:
+class FolderBatches(_Batches):
     """Batches of an ImageFolder through a multi-worker ``DataLoader``, in the seeded epoch order.
 
     The order of images is resumable at any batch; the random crops drawn in the worker processes
@@ -131,29 +141,11 @@ class FolderBatches:
     """
 
     def __init__(self, dataset, batch_size: int, train: bool, seed: int, workers: int, device, rank=0, world_size=1):
-        self.dataset, self.batch_size, self.train, self.seed = dataset, batch_size, train, seed
-        self.workers, self.device = workers, torch.device(device)
-        self.rank, self.world_size = rank, world_size
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.dataset)
-
-    def __len__(self) -> int:
-        global_batch = self.batch_size * self.world_size
-        return self.num_samples // global_batch if self.train else -(-self.num_samples // global_batch)
+        super().__init__(len(dataset), batch_size, train, seed, rank, world_size)
+        self.dataset, self.workers, self.device = dataset, workers, torch.device(device)
 
     def batches(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        global_batch = self.batch_size * self.world_size
-        order = epoch_order(self.num_samples, self.seed, epoch) if self.train else torch.arange(self.num_samples)
-        index_batches = []
-        for i in range(start, len(self)):
-            idx = order[i * global_batch : (i + 1) * global_batch]
-            if self.train:
-                idx = idx[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-            else:
-                idx = idx[self.rank :: self.world_size]
-            index_batches.append(idx.tolist())
+        index_batches = [idx[self._rank_part(idx)].tolist() for _, idx in self._global_batches(epoch, start)]
         loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_sampler=index_batches,

@@ -268,13 +268,14 @@ class Trainer:
         with self.autocast():
             logits = self.train_model(self._inputs(x))
             loss = self.criterion(logits, y)
-        if not math.isfinite(loss.item()):
+        # Every rank must agree to stop, or the others would wait forever in the next all-reduce.
+        if dist.broadcast_flag(not math.isfinite(loss.item()), self.device):
             raise NonFiniteError(self._nonfinite_message("loss"))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip or math.inf)
-        if not self.scaler.is_enabled() and not math.isfinite(norm.item()):
+        if not self.scaler.is_enabled() and not math.isfinite(norm.item()):  # gradients are all-reduced
             raise NonFiniteError(self._nonfinite_message("gradient norm"))
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -382,11 +383,9 @@ class Trainer:
             return
         s = meter.summary()
         lr = self.optimizer.param_groups[0]["lr"]
-        self.writer.add_scalar("train/loss_step", s["loss"], self.global_step)
+        self.writer.add_scalar("train/loss_running", s["loss"], self.global_step)  # epoch mean so far
         if bar.disable:
-            eta = (
-                (self.steps_per_epoch - self.next_batch) * s["samples"] / max(img_per_s, 1e-9) / max(self.next_batch, 1)
-            )
+            eta = (self.steps_per_epoch - self.next_batch) * self.t.batch_size / max(img_per_s, 1e-9)
             log.info("epoch %d/%d step %d/%d loss %.4f top-1 %.2f%% lr %.4g %.0f img/s eta %.0fs",
                      self.epoch + 1, self.t.epochs, self.next_batch, self.steps_per_epoch, s["loss"], s["top1"],
                      lr, img_per_s, eta)  # fmt: skip
