@@ -177,6 +177,7 @@ def plot(rows: list[dict], variants: list[Variant], labels: list[str], path: Pat
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (ax_bar, ax_curve) = plt.subplots(1, 2, figsize=(12, 4.5))
     xs = range(len(rows))
@@ -193,6 +194,7 @@ def plot(rows: list[dict], variants: list[Variant], labels: list[str], path: Pat
         mean = [statistics.fmean(v for c in curves for s2, v in c if s2 == s) for s in steps]
         ax_curve.plot(steps, mean, marker=".", label=label)
     ax_curve.set_xlabel("epoch")
+    ax_curve.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_curve.set_ylabel("validation top-1 error (%), mean over seeds")
     ax_curve.set_title("validation curves")
     ax_curve.legend(fontsize=8)
