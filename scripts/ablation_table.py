@@ -72,10 +72,15 @@ def read_run(path: Path) -> Run:
     return Run(path, config, None, "failed" if failed else "unfinished")
 
 
+def _natural(path: Path) -> list:
+    """Sort key that puts multirun job 2 before job 10."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.parts]
+
+
 def find_runs(paths: list[Path]) -> list[Run]:
     runs = []
     for p in paths:
-        for cfg in sorted(p.glob("**/.hydra/config.yaml")):
+        for cfg in sorted(p.glob("**/.hydra/config.yaml"), key=_natural):
             runs.append(read_run(cfg.parent.parent))
     return runs
 
