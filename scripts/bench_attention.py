@@ -30,7 +30,7 @@ from models import create_model  # noqa: E402
 
 def timm_cbam_model(arch: str, **kwargs) -> nn.Module:
     """Our backbone with timm's ``CbamModule`` in each block's attention slot (MLP with bias, r=16)."""
-    from timm.layers import CbamModule
+    from timm.layers.cbam import CbamModule
 
     model = create_model(arch, attention="none", **kwargs)
     for block in model.modules():
