@@ -27,9 +27,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
 
     from cbam import checkpoint as ckpt_io
     from cbam.data import build_batches
-    from cbam.metrics import Meter
     from cbam.profile import count_gmacs, count_params
-    from cbam.trainer import build_model, ns, resolve_device
+    from cbam.trainer import AMP_DTYPES, build_model, evaluate, ns, resolve_device
 
     path = Path(cfg.checkpoint)
     ckpt = ckpt_io.load(path)
@@ -42,27 +41,19 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     model = build_model(config)
     model.load_state_dict(ckpt["model"])
     params, gmacs = count_params(model), count_gmacs(model, (data["in_chans"], data["image_size"], data["image_size"]))
-    model.to(device).eval()
-    channels_last = trainer["channels_last"]
-    if channels_last:
+    model.to(device)
+    if trainer["channels_last"]:
         model.to(memory_format=torch.channels_last)
-    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[trainer["amp"]]
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=trainer["label_smoothing"])
-    meter, images, tic = Meter(device), 0, time.perf_counter()
-    with torch.no_grad():
-        for i, (x, y) in enumerate(val_batches.batches()):
-            if cfg.limit_val_batches and i >= cfg.limit_val_batches:
-                break
-            x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                logits = model(x)
-            meter.update(criterion(logits.float(), y), logits.float(), y)
-            images += len(y)
+    tic = time.perf_counter()
+    meter = evaluate(model, val_batches, criterion, device, AMP_DTYPES[trainer["amp"]], trainer["channels_last"],
+                     cfg.limit_val_batches)  # fmt: skip
+    elapsed = time.perf_counter() - tic
     summary = meter.summary()
     return {
         "checkpoint": str(path), "top1": summary["top1"], "top5": summary["top5"], "top1_err": summary["top1_err"],
-        "top5_err": summary["top5_err"], "loss": summary["loss"], "images": images, "params": params, "gmacs": gmacs,
-        "img_per_s": images / (time.perf_counter() - tic), "epoch": ckpt["progress"]["epoch"],
+        "top5_err": summary["top5_err"], "loss": summary["loss"], "images": summary["samples"], "params": params,
+        "gmacs": gmacs, "img_per_s": summary["samples"] / elapsed, "epoch": ckpt["progress"]["epoch"],
         "model": config["model"]["arch"], "attention": config["attention"]["name"], "data": data["name"],
     }  # fmt: skip
 

@@ -65,6 +65,31 @@ def validate(config: dict) -> None:
             raise UserError(message)
 
 
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    """Mixed precision when ``amp_dtype`` is set, a no-op context otherwise."""
+    return nullcontext() if amp_dtype is None else torch.autocast(device.type, dtype=amp_dtype)
+
+
+@torch.no_grad()
+def evaluate(model, batches, criterion, device, amp_dtype=None, channels_last=False, limit: int = 0) -> Meter:
+    """Loss and top-1/top-5 counts of ``model`` (in eval mode) over a validation iterator; used by the
+    trainer after every epoch and by ``eval.py``, so both report the same numbers."""
+    was_training = model.training
+    model.eval()
+    meter = Meter(device)
+    for i, (x, y) in enumerate(batches.batches()):
+        if limit and i >= limit:
+            break
+        with autocast(device, amp_dtype):
+            logits = model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+        meter.update(criterion(logits.float(), y), logits.float(), y)
+    model.train(was_training)
+    return meter
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{dist.local_rank()}" if torch.cuda.is_available() else "cpu")
@@ -161,7 +186,7 @@ class Trainer:
             self.model = dist.convert_sync_batchnorm(self.model, self.device)
         self.optimizer = build_optimizer(self.model, ns(config["optim"]))
         self.scheduler = build_scheduler(self.optimizer, ns(config["sched"]), self.t.epochs, self.steps_per_epoch)
-        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.t.amp]
+        self.amp_dtype = AMP_DTYPES[self.t.amp]
         if self.amp_dtype is torch.float16 and self.device.type != "cuda":
             raise UserError("trainer.amp=fp16 needs CUDA; use trainer.amp=bf16 or none on the CPU")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
@@ -227,8 +252,9 @@ class Trainer:
             "resumed from %s at epoch %d, batch %d (step %d)", path, self.epoch + 1, self.next_batch, self.global_step
         )
 
-    def _save(self, name: str, meter: Meter | None) -> Path | None:
-        """Checkpoint (rank 0 only); refuses non-finite weights."""
+    def _save(self, names: tuple[str, ...], meter: Meter | None) -> Path | None:
+        """Checkpoint under each of ``names`` (rank 0 only); refuses non-finite weights.
+        Returns the first file's path."""
         if not self.main:
             return None
         for pname, p in self.model.named_parameters():
@@ -250,22 +276,17 @@ class Trainer:
             "meter": meter.sums.cpu() if meter is not None else None,
             "rng": ckpt_io.rng_state(),
         }  # fmt: skip
-        path = self.ckpt_dir / name
-        ckpt_io.save_atomic(state, path)
-        return path
+        for name in names:
+            ckpt_io.save_atomic(state, self.ckpt_dir / name)
+        return self.ckpt_dir / names[0]
 
     # ---- the loop -----------------------------------------------------------------------------
-    def autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.t.channels_last else x
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, meter: Meter) -> None:
         self.scheduler.step_update(self.global_step)
-        with self.autocast():
+        with autocast(self.device, self.amp_dtype):
             logits = self.train_model(self._inputs(x))
             loss = self.criterion(logits, y)
         # Every rank must agree to stop, or the others would wait forever in the next all-reduce.
@@ -290,17 +311,9 @@ class Trainer:
             f"stopping without saving. {where}. Fix: lower optim.lr, set trainer.grad_clip, or use trainer.amp=bf16."
         )
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
-        self.model.eval()
-        meter = Meter(self.device)
-        for i, (x, y) in enumerate(self.val_batches.batches()):
-            if self.t.limit_val_batches and i >= self.t.limit_val_batches:
-                break
-            with self.autocast():
-                logits = self.model(self._inputs(x))
-            meter.update(self.criterion(logits.float(), y), logits.float(), y)
-        self.model.train()
+        meter = evaluate(self.model, self.val_batches, self.criterion, self.device, self.amp_dtype,
+                         self.t.channels_last, self.t.limit_val_batches)  # fmt: skip
         return meter.summary(dist.all_reduce_sum(meter.sums))
 
     def run(self) -> dict | None:
@@ -359,11 +372,11 @@ class Trainer:
             if self.t.ckpt_every_steps and self.global_step % self.t.ckpt_every_steps == 0:
                 self._account(tic, images)
                 tic, images = time.perf_counter(), 0
-                self._save("last.pt", meter)
+                self._save(("last.pt",), meter)
             if dist.broadcast_flag(stop.requested, self.device) and self.next_batch < self.steps_per_epoch:
                 bar.close()
                 self._account(tic, images)
-                path = self._save("last.pt", meter)
+                path = self._save(("last.pt",), meter)
                 if self.main:
                     log.warning("stopped at epoch %d, batch %d; checkpoint %s. Continue with resume=auto (same "
                                 "hydra.run.dir) or resume=%s", self.epoch + 1, self.next_batch, path, path)  # fmt: skip
@@ -402,9 +415,7 @@ class Trainer:
             self.best_top1, self.best_epoch = val["top1"], self.epoch
         self.history.append({"epoch": self.epoch, "train": train, "val": val,
                              "lr": self.optimizer.param_groups[0]["lr"]})  # fmt: skip
-        self._save("last.pt", None)
-        if is_best and self.main:
-            ckpt_io.save_atomic(torch.load(self.ckpt_dir / "last.pt", weights_only=True), self.ckpt_dir / "best.pt")
+        self._save(("last.pt", "best.pt") if is_best else ("last.pt",), None)
         if not self.main:
             return
         w = self.writer
