@@ -7,14 +7,56 @@ backward and exports badly to ONNX.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
+from torch.nn import functional as nnf
 
-from .spec import AttentionSpec, resolve_spec
+from .fused import FusedPlan, fused_gated_tail, kernel_mode
+from .spec import AttentionSpec, fused_supported, resolve_spec
 
 
 class AttentionModule(nn.Module):
-    """Base class of every gate; backbones use it to leave attention init to the module itself."""
+    """Base class of every gate; backbones use it to leave attention init to the module itself.
+
+    ``impl`` picks the implementation: "reference" (plain autograd, the methods below),
+    "fused" (``cbam.fused``: one autograd Function with generated kernels) or "auto" (fused where its
+    kernels can be compiled for the input's device and the variant is supported, else reference).
+    Under ``torch.compile`` of a whole model the reference runs and inductor fuses it itself.
+    """
+
+    impl = "reference"
+
+    def _set_impl(self, impl: str, spec: AttentionSpec) -> None:
+        spec = dataclasses.replace(spec, impl=impl)  # validates: "fused" must be supported
+        self.impl = impl if fused_supported(spec) else "reference"
+
+    def fused_plan(self, bn: nn.BatchNorm2d | None) -> FusedPlan:
+        raise NotImplementedError
+
+    def use_fused(self, x: torch.Tensor) -> bool:
+        if self.impl == "reference" or torch.compiler.is_compiling() or torch.jit.is_scripting():
+            return False
+        return self.impl == "fused" or kernel_mode(x.device.type) is not None
+
+    def forward_tail(self, x: torch.Tensor, bn: nn.Module, shortcut: torch.Tensor) -> torch.Tensor:
+        """relu(attention(bn(x)) + shortcut): a residual block's tail, fused where possible."""
+        if self.use_fused(x) and _fusable_bn(bn):
+            return fused_gated_tail(self.fused_plan(bn), x, shortcut)
+        return nnf.relu(self(bn(x)) + shortcut, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_fused(x):
+            return fused_gated_tail(self.fused_plan(None), x)
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _fusable_bn(bn: nn.Module) -> bool:
+    return type(bn) is nn.BatchNorm2d and bn.affine
 
 
 def channel_pool(x: torch.Tensor, pool: str) -> list[torch.Tensor]:
@@ -50,9 +92,11 @@ class ChannelGate(AttentionModule):
         pool: str = "avgmax",
         act_layer: type[nn.Module] = nn.ReLU,
         gate_layer: type[nn.Module] = nn.Sigmoid,
+        impl: str = "auto",
     ):
         super().__init__()
         spec = AttentionSpec(channel=True, reduction=reduction, pool=pool)
+        self._set_impl(impl if (act_layer, gate_layer) == (nn.ReLU, nn.Sigmoid) else "reference", spec)
         self.pool = pool
         self.mlp = nn.Sequential(
             nn.Linear(channels, spec.hidden_units(channels)),
@@ -63,12 +107,18 @@ class ChannelGate(AttentionModule):
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """Mc(F) of shape (N, C, 1, 1)."""
-        pooled = channel_pool(x, self.pool)
+        return self.attention_from_pooled(channel_pool(x, self.pool))
+
+    def attention_from_pooled(self, pooled: list[torch.Tensor], recompute: bool = False) -> torch.Tensor:
+        """Mc from the pooled (N, C) descriptors; ``recompute`` (fused backward) skips forward hooks."""
         # One MLP call on the stacked descriptors, then the sum of Eq. (2).
         logits = self.mlp(torch.cat(pooled)).view(len(pooled), *pooled[0].shape).sum(0)
-        return self.gate(logits)[:, :, None, None]
+        return (self.gate.forward if recompute else self.gate)(logits)[:, :, None, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fused_plan(self, bn: nn.BatchNorm2d | None) -> FusedPlan:
+        return FusedPlan("channel", self, None, bn)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.attention(x)
 
 
@@ -88,9 +138,11 @@ class SpatialGate(AttentionModule):
         bn: bool = True,
         bn_zero_init: bool = True,
         gate_layer: type[nn.Module] = nn.Sigmoid,
+        impl: str = "auto",
     ):
         super().__init__()
-        AttentionSpec(spatial=True, kernel_size=kernel_size, descriptor=descriptor)  # validates
+        spec = AttentionSpec(spatial=True, kernel_size=kernel_size, descriptor=descriptor)  # validates
+        self._set_impl(impl if gate_layer is nn.Sigmoid else "reference", spec)
         self.descriptor = descriptor
         self.project = nn.Conv2d(channels, 1, 1, bias=False) if descriptor == "conv1x1" else None
         in_maps = 1 if descriptor == "conv1x1" else 2
@@ -106,12 +158,25 @@ class SpatialGate(AttentionModule):
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """Ms(F) of shape (N, 1, H, W)."""
-        logits = self.conv(self.describe(x))
-        if self.bn is not None:
-            logits = self.bn(logits)
-        return self.gate(logits)
+        return self.attention_from_descriptor(self.describe(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def attention_from_descriptor(self, desc: torch.Tensor, recompute: bool = False) -> torch.Tensor:
+        """Ms from the spatial descriptor. ``recompute`` (fused backward) skips forward hooks and
+        normalises with the same statistics as forward without updating the running ones."""
+        logits = self.conv(desc)
+        bn = self.bn
+        if bn is not None and not recompute:
+            logits = bn(logits)
+        elif bn is not None:
+            batch_stats = bn.training or bn.running_mean is None
+            running = (None, None) if batch_stats else (bn.running_mean, bn.running_var)
+            logits = nnf.batch_norm(logits, *running, bn.weight, bn.bias, batch_stats, 0.0, bn.eps)
+        return (self.gate.forward if recompute else self.gate)(logits)
+
+    def fused_plan(self, bn: nn.BatchNorm2d | None) -> FusedPlan:
+        return FusedPlan("spatial", None, self, bn)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.attention(x)
 
 
@@ -140,15 +205,25 @@ class CBAM(AttentionModule):
         spatial_bn_zero_init: bool = True,
         order: str = "channel_first",
         parallel_combine: str = "mul",
+        impl: str = "auto",
     ):
         super().__init__()
-        AttentionSpec(order=order, parallel_combine=parallel_combine)  # validates
+        spec = AttentionSpec(
+            channel=True, spatial=True, descriptor=descriptor, order=order, parallel_combine=parallel_combine
+        )
+        self._set_impl(impl, spec)
         self.order = order
         self.parallel_combine = parallel_combine
-        self.channel_gate = ChannelGate(channels, reduction, pool)
-        self.spatial_gate = SpatialGate(channels, kernel_size, descriptor, spatial_bn, spatial_bn_zero_init)
+        # The gates inside are always run by this module (reference or fused), never on their own.
+        self.channel_gate = ChannelGate(channels, reduction, pool, impl="reference")
+        self.spatial_gate = SpatialGate(
+            channels, kernel_size, descriptor, spatial_bn, spatial_bn_zero_init, impl="reference"
+        )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fused_plan(self, bn: nn.BatchNorm2d | None) -> FusedPlan:
+        return FusedPlan(self.order, self.channel_gate, self.spatial_gate, bn)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.order == "channel_first":
             return self.spatial_gate(self.channel_gate(x))
         if self.order == "spatial_first":
@@ -177,9 +252,12 @@ def build_attention(channels: int, spec) -> nn.Module:
             spec.spatial_bn_zero_init,
             spec.order,
             spec.parallel_combine,
+            spec.impl,
         )
     if spec.channel:
-        return ChannelGate(channels, spec.reduction, spec.pool)
+        return ChannelGate(channels, spec.reduction, spec.pool, impl=spec.impl)
     if spec.spatial:
-        return SpatialGate(channels, spec.kernel_size, spec.descriptor, spec.spatial_bn, spec.spatial_bn_zero_init)
+        return SpatialGate(
+            channels, spec.kernel_size, spec.descriptor, spec.spatial_bn, spec.spatial_bn_zero_init, impl=spec.impl
+        )
     return nn.Identity()

@@ -18,7 +18,7 @@ DESCRIPTORS = ("pool", "conv1x1")
 ORDERS = ("channel_first", "spatial_first", "parallel")
 PARALLEL_COMBINES = ("mul", "add")
 PLACEMENTS = ("residual", "pre", "post")
-IMPLS = ("reference",)
+IMPLS = ("auto", "fused", "reference")
 
 # Fields with a fixed set of values; the Hydra schema turns these into enums (compose-time checks).
 CHOICES = {
@@ -53,7 +53,10 @@ class AttentionSpec:
       placement: where a residual block applies it: "residual" (reference: after the last BN,
         before the shortcut addition), "pre" (on the block input, residual branch only),
         "post" (after the addition and ReLU).
-      impl: "reference" (plain autograd).
+      impl: "auto" (default: "fused" where supported and its kernels compile on the device, else
+        "reference"), "fused" (``cbam.fused``: gates + last BN + shortcut + ReLU as one autograd
+        Function with generated kernels; not for descriptor="conv1x1" or parallel_combine="add") or
+        "reference" (plain autograd, the modules' straightforward code).
     """
 
     name: str = "custom"
@@ -68,11 +71,18 @@ class AttentionSpec:
     order: str = "channel_first"
     parallel_combine: str = "mul"
     placement: str = "residual"
-    impl: str = "reference"
+    impl: str = "auto"
 
     def __post_init__(self) -> None:
         for name, allowed in CHOICES.items():
             _check_choice(name, getattr(self, name), allowed)
+        if self.impl == "fused" and not fused_supported(self):
+            raise AttentionSpecError(
+                "attention.impl=fused supports the pooled spatial descriptor (descriptor=pool) and, for "
+                "order=parallel, parallel_combine=mul; this spec has "
+                f"descriptor={self.descriptor!r}, order={self.order!r}, parallel_combine={self.parallel_combine!r}. "
+                "Use impl=auto (falls back to reference) or impl=reference"
+            )
         if isinstance(self.reduction, bool) or not isinstance(self.reduction, int) or self.reduction < 1:
             raise AttentionSpecError(f"attention.reduction must be an integer >= 1, got {self.reduction!r}")
         if (
@@ -99,6 +109,14 @@ class AttentionSpec:
                 f"{channels} channels (channels // reduction = 0); use reduction <= {channels}"
             )
         return hidden
+
+
+def fused_supported(spec: AttentionSpec) -> bool:
+    """Whether ``cbam.fused`` implements this variant (everything but the conv1x1 descriptor and
+    the additive parallel combination)."""
+    if spec.spatial and spec.descriptor != "pool":
+        return False
+    return not (spec.channel and spec.spatial and spec.order == "parallel" and spec.parallel_combine == "add")
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:

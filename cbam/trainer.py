@@ -65,6 +65,10 @@ def validate(config: dict) -> None:
             raise UserError(message)
 
 
+# The first steps of each process compile kernels (fused CBAM, trainer.compile) and fill the allocator;
+# they count in train_s/wall_s but not in train_img_per_s, which is the steady-state rate.
+WARMUP_STEPS = 3
+
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -203,6 +207,7 @@ class Trainer:
         self.epoch, self.next_batch, self.global_step = 0, 0, 0
         self.best_top1, self.best_epoch, self.history = -1.0, -1, []
         self.train_time, self.train_images, self.wall_before = 0.0, 0, 0.0
+        self.warmup_time, self.steps_this_run = 0.0, 0
         self.meter_state = None
         if self.resume_path is not None:
             self._load(self.resume_path)
@@ -366,6 +371,10 @@ class Trainer:
             self.train_step(x, y, meter)
             self.next_batch += 1
             images += x.shape[0] * self.world_size
+            self.steps_this_run += 1
+            if self.steps_this_run == WARMUP_STEPS:  # leave the warm-up out of the throughput
+                self.warmup_time += time.perf_counter() - tic
+                tic, images = time.perf_counter(), 0
             if self.global_step % self.t.log_every == 0 or self.next_batch == self.steps_per_epoch:
                 self._log_progress(meter, bar, images / (time.perf_counter() - tic))
             bar.update(1)
@@ -441,7 +450,7 @@ class Trainer:
             "top1": final["top1"], "top5": final["top5"], "top1_err": final["top1_err"], "top5_err": final["top5_err"],
             "val_loss": final["loss"], "best_top1": self.best_top1, "best_epoch": self.best_epoch,
             "params": self.params, "gmacs": self.gmacs, "epochs": self.epoch, "steps": self.global_step,
-            "wall_s": wall_s, "train_s": self.train_time,
+            "wall_s": wall_s, "train_s": self.train_time + self.warmup_time, "warmup_s": self.warmup_time,
             "train_img_per_s": self.train_images / max(self.train_time, 1e-9),
             "history": self.history, "config": self.config,
         }  # fmt: skip

@@ -33,10 +33,12 @@ class _AttentionBlock(nn.Module):
         channels = inplanes if attention.placement == "pre" else out_planes
         self.attn = build_attention(channels, attention)
 
-    def _finish(self, out: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
-        if self.placement == "residual":
-            out = self.attn(out)
-        out = self.relu(out + identity)
+    def _finish(self, x: torch.Tensor, bn: nn.Module, identity: torch.Tensor) -> torch.Tensor:
+        """relu(attention(bn(x)) + identity) for "residual" (one fused call where the attention
+        module supports it, see ``cbam.fused``), else the plain tail with attention before or after."""
+        if self.placement == "residual" and isinstance(self.attn, AttentionModule):
+            return self.attn.forward_tail(x, bn, identity)
+        out = self.relu(bn(x) + identity)
         return self.attn(out) if self.placement == "post" else out
 
     def _branch_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,8 +76,7 @@ class BasicBlock(_AttentionBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(self._branch_input(x))))
-        out = self.bn2(self.conv2(out))
-        return self._finish(out, identity)
+        return self._finish(self.conv2(out), self.bn2, identity)
 
 
 class Bottleneck(_AttentionBlock):
@@ -116,8 +117,7 @@ class Bottleneck(_AttentionBlock):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(self._branch_input(x))))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self._finish(out, identity)
+        return self._finish(self.conv3(out), self.bn3, identity)
 
 
 STEMS = ("imagenet", "cifar")

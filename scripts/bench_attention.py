@@ -24,7 +24,6 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cbam.spec import IMPLS  # noqa: E402
 from models import create_model  # noqa: E402
 
 
@@ -42,7 +41,7 @@ def timm_cbam_model(arch: str, **kwargs) -> nn.Module:
 
 def variants(arch: str) -> dict:
     out = {"none": lambda: create_model(arch, attention="none"), "se": lambda: create_model(arch, attention="se")}
-    for impl in IMPLS:
+    for impl in ("fused", "reference"):
         out[f"cbam ({impl})"] = lambda impl=impl: create_model(arch, attention={"preset": "cbam", "impl": impl})
     out["timm cbam"] = lambda: timm_cbam_model(arch)
     return out

@@ -1,5 +1,10 @@
+import os
 import sys
 from pathlib import Path
+
+# Fused CBAM kernels run op by op in tests (same code and numbers, no compilation per shape); the
+# compiled kernels have their own tests in test_fused.py. Set before cbam is imported.
+os.environ.setdefault("CBAM_FUSED_KERNELS", "eager")
 
 import pytest
 import torch

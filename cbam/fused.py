@@ -1,0 +1,426 @@
+"""Fused CBAM: the gates of Eq. (1)-(3), the block's last BatchNorm, the shortcut addition and the
+ReLU as one ``torch.autograd.Function`` whose full-size passes are generated kernels.
+
+Why hand-written rather than plain autograd: the reference module keeps every full-size
+intermediate (F, F', F'', the max-reduction masks) for backward and makes a new tensor at each
+step. Here forward writes one full-size tensor (the block output y) and backward saves only
+
+- x, the conv output that BatchNorm saves anyway, F = BN(x) = x * s + t being recomputed inside
+  each kernel;
+- y, which the next block's conv saves as its input (same storage);
+- (N, C) and (N, H*W) tensors: the gates a = Mc and b = Ms, the pooled maxima, BN statistics.
+
+The full-size passes are plain tensor expressions compiled with ``torch.compile`` (inductor: C++
+on CPU, Triton on CUDA), so a pointwise prologue (BN, gates, ReLU mask) fuses into each reduction
+and nothing full-size is materialised in between. The small parts (the MLP, the k x k conv, the
+spatial BN and the sigmoids) run as ordinary autograd on (N, C) / (N, 2, H, W) tensors and are
+recomputed in backward.
+
+Max pooling's gradient is split evenly between tied maxima, as ``torch.amax`` does; ties are found
+by recomputing the pooled input with the same operations as forward (inductor compiles with
+``-ffp-contract=off``, so both passes round identically).
+
+Notation (per block): x conv output (N, C, H, W); F = x * s + t; a (N, C) channel gate; b (N, H, W)
+spatial gate; u the channel gate's input (F * b for "spatial_first", else F); v the spatial gate's
+input (F * a for "channel_first", else F); y = relu(F * a * b + shortcut).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+log = logging.getLogger(__name__)
+
+ORDERS = ("channel_first", "spatial_first", "parallel", "channel", "spatial")
+
+
+# ---- compiled kernels ------------------------------------------------------------------------------------------
+
+
+# "auto": compiled where a toolchain exists (else the fused path is not used by impl=auto); "compiled";
+# "eager": the same kernels run op by op (same numbers, slower; for debugging and fast tests).
+KERNEL_MODES = ("auto", "compiled", "eager")
+KERNEL_MODE = os.environ.get("CBAM_FUSED_KERNELS", "auto")
+if KERNEL_MODE not in KERNEL_MODES:
+    raise ValueError(f"CBAM_FUSED_KERNELS={KERNEL_MODE!r} is not valid; allowed: {', '.join(KERNEL_MODES)}")
+
+
+def kernel_mode(device_type: str) -> str | None:
+    """How fused kernels run on a device: "compiled", "eager", or None (auto mode, no toolchain)."""
+    if KERNEL_MODE == "eager":
+        return "eager"
+    if KERNEL_MODE == "compiled" or _toolchain_available(device_type):
+        return "compiled"
+    return None
+
+
+@cache
+def _toolchain_available(device_type: str) -> bool:
+    """Whether inductor can build kernels here: a C++ compiler on CPU, Triton on CUDA."""
+    if device_type == "cpu":
+        from torch._inductor import config
+
+        cxx = config.cpp.cxx[-1] if isinstance(config.cpp.cxx, tuple) else config.cpp.cxx
+        return shutil.which(cxx or "g++") is not None
+    if device_type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return has_triton()
+    return False
+
+
+class _Kernel:
+    """A full-size pass, compiled with inductor (C++ on CPU, Triton on CUDA) or run eagerly."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.compiled = None
+        self.failed = False
+
+    def __call__(self, *args):
+        device = next(a for a in args if isinstance(a, torch.Tensor)).device
+        if self.failed or kernel_mode(device.type) != "compiled":
+            return self.fn(*args)
+        if self.compiled is None:
+            # Static shapes: on CPU the shape-specialised kernels were 10% faster per training step than
+            # dynamic ones (ResNet-50, scripts/bench_attention.py). A network has a few distinct block
+            # shapes per batch size, so allow more than dynamo's default of 8 specialisations.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self.compiled = torch.compile(self.fn, fullgraph=True, dynamic=False)
+            _announce_compilation()
+        try:
+            return self.compiled(*args)
+        except Exception as err:  # a broken toolchain must not stop training: fall back, say so once
+            self.failed = True
+            log.warning("fused CBAM kernel %s could not be compiled (%s); running it eagerly", self.fn.__name__, err)
+            return self.fn(*args)
+
+
+@cache
+def _announce_compilation() -> None:
+    log.info(
+        "fused CBAM: compiling its kernels for each new block shape on first use (tens of seconds on a small "
+        "CPU; inductor caches them on disk for later runs). CBAM_FUSED_KERNELS=eager skips compilation."
+    )
+
+
+def kernel(fn) -> _Kernel:
+    return _Kernel(fn)
+
+
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """Accumulation dtype: float32 for float32/half/bfloat16 inputs, float64 stays float64."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _nc(t: torch.Tensor) -> torch.Tensor:
+    return t[:, :, None, None]
+
+
+def _bn(x, s, t):
+    """F = BN(x) = x * s + t per channel (s, t None: no BN)."""
+    f = _acc(x)
+    return f if s is None else f * s[None, :, None, None] + t[None, :, None, None]
+
+
+def _masked(dy, y):
+    """dL/d(pre-activation): the ReLU's mask applied to dy (y None: no ReLU)."""
+    g = _acc(dy)
+    return g if y is None else torch.where(y > 0, g, 0.0)
+
+
+def _gated(f, a, b):
+    if a is not None:
+        f = f * _nc(a)
+    if b is not None:
+        f = f * b[:, None]
+    return f
+
+
+def _d_channel_input(u, terms):
+    """Gradient w.r.t. u from (d_avg, d_max, cmax, count): AvgPool spreads evenly over H*W,
+    MaxPool goes to the (tied) maxima."""
+    d_avg, d_max, cmax, count = terms
+    hw = u.shape[2] * u.shape[3]
+    du = 0.0
+    if d_avg is not None:
+        du = _nc(d_avg) / hw
+    if d_max is not None:
+        du = du + torch.where(u == _nc(cmax), _nc(d_max / count), 0.0)
+    return du
+
+
+def _d_spatial_input(v, terms):
+    """Gradient w.r.t. v from (d_mean, d_max, smax, count) of the [max; mean] channel pooling."""
+    d_mean, d_max, smax, count = terms
+    return d_mean[:, None] / v.shape[1] + torch.where(v == smax[:, None], (d_max / count)[:, None], 0.0)
+
+
+@kernel
+def k_x_stats(x):
+    """Per (n, c): mean, variance, max and min of x over H, W (one pass; BN statistics and the
+    channel pooling of F = x * s + t both follow from them)."""
+    xf = _acc(x)
+    var, mean = torch.var_mean(xf, dim=(2, 3), correction=0)
+    return mean, var, xf.amax(dim=(2, 3)), xf.amin(dim=(2, 3))
+
+
+@kernel
+def k_channel_pool(x, s, t, b):
+    """AvgPool and MaxPool over H, W of u = F (* b)."""
+    u = _gated(_bn(x, s, t), None, b)
+    return u.mean(dim=(2, 3)), u.amax(dim=(2, 3))
+
+
+@kernel
+def k_spatial_pool(x, s, t, a):
+    """MaxPool and AvgPool over channels of v = F (* a): the (N, H, W) halves of Eq. (3)'s descriptor."""
+    v = _gated(_bn(x, s, t), a, None)
+    return v.amax(dim=1), v.mean(dim=1)
+
+
+@kernel
+def k_output(x, s, t, a, b, shortcut):
+    """y = relu(F * a * b + shortcut), or F * a * b without a shortcut."""
+    z = _gated(_bn(x, s, t), a, b)
+    if shortcut is not None:
+        z = torch.relu(z + _acc(shortcut))
+    return z.to(x.dtype)
+
+
+@kernel
+def k_reduce_hw(dy, y, x, s, t, a, b, u_has_b, v_terms, cmax):
+    """Over H, W: dL/da = sum (g * b + dv (if v = F * a)) * F, and the tie count of the channel max."""
+    f = _bn(x, s, t)
+    g = _gated(_masked(dy, y), None, b)
+    if v_terms is not None:
+        g = g + _d_spatial_input(f * _nc(a), v_terms)
+    d_a = (g * f).sum(dim=(2, 3))
+    if cmax is None:
+        return d_a, None
+    u = f * b[:, None] if u_has_b else f
+    return d_a, (u == _nc(cmax)).sum(dim=(2, 3)).to(f.dtype)
+
+
+@kernel
+def k_reduce_c(dy, y, x, s, t, a, b, v_has_a, u_terms, smax):
+    """Over C: dL/db = sum (g * a + du (if u = F * b)) * F, and the tie count of the spatial max."""
+    f = _bn(x, s, t)
+    g = _gated(_masked(dy, y), a, None)
+    if u_terms is not None:
+        g = g + _d_channel_input(f * b[:, None], u_terms)
+    d_b = (g * f).sum(dim=1)
+    v = f * _nc(a) if v_has_a else f
+    return d_b, (v == smax[:, None]).sum(dim=1).to(f.dtype)
+
+
+@kernel
+def k_input_grads(dy, y, x, s, t, a, b, order, u_terms, v_terms, bn_stats, bn_training, dx_dtype, dsc_dtype):
+    """dL/dx through gates and BN (training: the batch statistics' terms too), dL/dshortcut, dgamma, dbeta."""
+    f = _bn(x, s, t)
+    g = _masked(dy, y)
+    d_f = _gated(g, a, b)
+    if u_terms is not None:
+        u_has_b = order == "spatial_first"
+        du = _d_channel_input(f * b[:, None] if u_has_b else f, u_terms)
+        d_f = d_f + (du * b[:, None] if u_has_b else du)
+    if v_terms is not None:
+        v_has_a = order == "channel_first"
+        dv = _d_spatial_input(f * _nc(a) if v_has_a else f, v_terms)
+        d_f = d_f + (dv * _nc(a) if v_has_a else dv)
+    d_sc = g.to(dsc_dtype) if dsc_dtype is not None else None
+    if bn_stats is None:
+        return d_f.to(dx_dtype), d_sc, None, None
+    mean, invstd = bn_stats
+    xhat = (_acc(x) - mean[None, :, None, None]) * invstd[None, :, None, None]
+    d_beta = d_f.sum(dim=(0, 2, 3))
+    d_gamma = (d_f * xhat).sum(dim=(0, 2, 3))
+    if bn_training:
+        m = x.numel() // x.shape[1]
+        d_f = d_f - (d_beta / m)[None, :, None, None] - xhat * (d_gamma / m)[None, :, None, None]
+    d_x = d_f * s[None, :, None, None]
+    return d_x.to(dx_dtype), d_sc, d_gamma, d_beta
+
+
+# ---- the autograd Function -------------------------------------------------------------------------------------
+
+
+@dataclass
+class FusedPlan:
+    """What one fused call computes: which gates, in which order, with which BatchNorm in front."""
+
+    order: str  # one of ORDERS
+    channel_gate: nn.Module | None
+    spatial_gate: nn.Module | None
+    bn: nn.BatchNorm2d | None
+
+    @property
+    def gate_params(self) -> list[nn.Parameter]:
+        mods = [m for m in (self.channel_gate, self.spatial_gate) if m is not None]
+        return [p for m in mods for p in m.parameters()]
+
+
+def _bn_scale_shift(bn: nn.BatchNorm2d, x: torch.Tensor):
+    """(s, t, (mean, invstd)) with BN(x) = x * s + t; in training mode from x's batch statistics,
+    updating the running statistics as ``nn.BatchNorm2d`` does. Also returns the channel pooling
+    stats of x when they come for free."""
+    if not (bn.training or bn.running_mean is None):
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        mean, invstd = bn.running_mean.to(dtype), torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
+        s = bn.weight.to(dtype) * invstd
+        return s, bn.bias.to(dtype) - mean * s, (mean, invstd), None
+    mean_nc, var_nc, max_nc, min_nc = k_x_stats(x)
+    mean = mean_nc.mean(0)
+    var = (var_nc + (mean_nc - mean) ** 2).mean(0)  # parallel variance: within + between images
+    invstd = torch.rsqrt(var + bn.eps)
+    s = bn.weight.to(mean.dtype) * invstd
+    t = bn.bias.to(mean.dtype) - mean * s
+    if bn.track_running_stats and bn.running_mean is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        m = x.numel() // x.shape[1]
+        bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)
+        bn.running_var.lerp_((var * m / max(m - 1, 1)).to(bn.running_var.dtype), factor)
+    return s, t, (mean, invstd), (mean_nc, max_nc, min_nc)
+
+
+def _forward(plan: FusedPlan, x: torch.Tensor, shortcut: torch.Tensor | None):
+    """Forward pass; returns y and what backward needs (all small but x and y)."""
+    s = t = bn_stats = x_stats = None
+    if plan.bn is not None:
+        s, t, bn_stats, x_stats = _bn_scale_shift(plan.bn, x)
+    cg, sg, order = plan.channel_gate, plan.spatial_gate, plan.order
+    a = b = pooled = desc = None
+    if cg is not None and order != "spatial_first":
+        if x_stats is not None:  # pooling of F = x * s + t from x's statistics (exact: s * x + t is monotone)
+            mean_nc, max_nc, min_nc = x_stats
+            pooled = (mean_nc * s + t, torch.where(s >= 0, max_nc * s + t, min_nc * s + t))
+        else:
+            pooled = k_channel_pool(x, s, t, None)
+        a = cg.attention_from_pooled(list(_pick_pool(cg.pool, pooled)))[:, :, 0, 0]
+    if sg is not None:
+        desc = k_spatial_pool(x, s, t, a if order == "channel_first" else None)
+        b = sg.attention_from_descriptor(torch.stack(desc, dim=1))[:, 0]
+    if cg is not None and order == "spatial_first":
+        pooled = k_channel_pool(x, s, t, b)
+        a = cg.attention_from_pooled(list(_pick_pool(cg.pool, pooled)))[:, :, 0, 0]
+    y = k_output(x, s, t, a, b, shortcut)
+    return y, (s, t, bn_stats, a, b, pooled, desc)
+
+
+def _pick_pool(pool: str, pooled):
+    avg, mx = pooled
+    return {"avg": (avg,), "max": (mx,), "avgmax": (avg, mx)}[pool]
+
+
+def _small_backward(fn, leaves, params, grad):
+    """Recompute a small (N, C) or (N, 2, H, W) graph with autograd and backpropagate ``grad``."""
+    leaves = [leaf.detach().requires_grad_() for leaf in leaves]
+    with torch.enable_grad():
+        out = fn(leaves)
+    grads = torch.autograd.grad(out, leaves + params, grad, allow_unused=True)
+    return grads[: len(leaves)], grads[len(leaves) :]
+
+
+class FusedGatedTail(torch.autograd.Function):
+    """y = relu(BN(x) * Mc * Ms + shortcut) in one Function (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, plan: FusedPlan, x, shortcut, *params):
+        y, small = _forward(plan, x, shortcut)
+        ctx.plan = plan
+        ctx.small = small
+        ctx.has_shortcut = shortcut is not None
+        ctx.shortcut_dtype = shortcut.dtype if shortcut is not None else None
+        ctx.bn_batch_stats = plan.bn is not None and (plan.bn.training or plan.bn.running_mean is None)
+        ctx.save_for_backward(x, y if shortcut is not None else None)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        plan: FusedPlan = ctx.plan
+        x, y = ctx.saved_tensors
+        s, t, bn_stats, a, b, pooled, desc = ctx.small
+        cg, sg, order = plan.channel_gate, plan.spatial_gate, plan.order
+        cg_params = list(cg.parameters()) if cg is not None else []
+        sg_params = list(sg.parameters()) if sg is not None else []
+        cmax = pooled[1] if pooled is not None and cg.pool != "avg" else None
+        u_terms = v_terms = None
+        cg_grads = sg_grads = []
+
+        def channel_backward(d_a):
+            (*d_pooled,), grads = _small_backward(
+                lambda leaves: cg.attention_from_pooled(leaves, recompute=True)[:, :, 0, 0],
+                list(_pick_pool(cg.pool, pooled)),
+                cg_params,
+                d_a,
+            )
+            d_avg = d_pooled[0] if cg.pool != "max" else None
+            d_max = d_pooled[-1] if cg.pool != "avg" else None
+            return d_avg, d_max, grads
+
+        def spatial_backward(d_b):
+            (d_smax, d_smean), grads = _small_backward(
+                lambda leaves: sg.attention_from_descriptor(torch.stack(leaves, 1), recompute=True)[:, 0],
+                list(desc),
+                sg_params,
+                d_b,
+            )
+            return d_smean, d_smax, grads
+
+        sc = y  # the ReLU mask comes from y (None without a shortcut: no ReLU)
+        if order in ("channel_first", "parallel", "spatial"):
+            if sg is not None:
+                d_b, count_c = k_reduce_c(dy, sc, x, s, t, a, None, order == "channel_first", None, desc[0])
+                d_smean, d_smax, sg_grads = spatial_backward(d_b)
+                v_terms = (d_smean, d_smax, desc[0], count_c)
+            if cg is not None:
+                vt = v_terms if order == "channel_first" else None
+                d_a, count_hw = k_reduce_hw(dy, sc, x, s, t, a, b, False, vt, cmax)
+                d_avg, d_max, cg_grads = channel_backward(d_a)
+                u_terms = (d_avg, d_max, cmax, count_hw)
+        else:  # spatial_first and channel-only
+            d_a, count_hw = k_reduce_hw(dy, sc, x, s, t, a, b, b is not None, None, cmax)
+            d_avg, d_max, cg_grads = channel_backward(d_a)
+            u_terms = (d_avg, d_max, cmax, count_hw)
+            if sg is not None:
+                d_b, count_c = k_reduce_c(dy, sc, x, s, t, a, b, False, u_terms, desc[0])
+                d_smean, d_smax, sg_grads = spatial_backward(d_b)
+                v_terms = (d_smean, d_smax, desc[0], count_c)
+        bn = plan.bn
+        d_x, d_sc, d_gamma, d_beta = k_input_grads(
+            dy,
+            sc,
+            x,
+            s,
+            t,
+            a,
+            b,
+            order,
+            u_terms,
+            v_terms,
+            bn_stats,
+            ctx.bn_batch_stats,
+            x.dtype,
+            ctx.shortcut_dtype,
+        )
+        bn_grads = [] if bn is None else [d_gamma.to(bn.weight.dtype), d_beta.to(bn.bias.dtype)]
+        return (None, d_x, d_sc, *bn_grads, *cg_grads, *sg_grads)
+
+
+def fused_gated_tail(plan: FusedPlan, x: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
+    """relu(BN(x) * Mc * Ms + shortcut) (BN and the shortcut optional), with fused kernels."""
+    bn_params = [] if plan.bn is None else [plan.bn.weight, plan.bn.bias]
+    # Kernels accumulate in float32 whatever the autocast state; the small gate graphs run in float32 too,
+    # so that backward's recomputation (outside autocast) sees the same graph as forward.
+    with torch.autocast(x.device.type, enabled=False):
+        return FusedGatedTail.apply(plan, x, shortcut, *bn_params, *plan.gate_params)

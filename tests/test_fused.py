@@ -1,0 +1,280 @@
+"""Fused CBAM (cbam/fused.py) against the reference modules: forward, input and parameter gradients,
+BatchNorm running statistics, tied maxima, double-precision gradcheck, bytes saved for backward, and
+the compiled kernels. Tests run the fused kernels op by op (conftest) unless they say otherwise."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from cbam import PRESETS, AttentionSpecError, build_attention
+from cbam import fused as fused_mod
+from cbam.fused import fused_gated_tail
+from models import create_model
+from models.resnet import BasicBlock, Bottleneck
+
+FUSED_VARIANTS = ["se", "channel_max", "channel", "spatial", "cbam", "cbam_spatial_first", "cbam_parallel"]
+
+
+def _attention(name: str, channels: int, impl: str) -> nn.Module:
+    spec = dataclasses.replace(PRESETS[name], reduction=4, kernel_size=3, spatial_bn_zero_init=False)
+    return build_attention(channels, dataclasses.replace(spec, impl=impl))
+
+
+def _pair(name: str, channels: int = 16):
+    """(reference, fused) attention modules with equal weights; two channels made twins (same MLP
+    output row) so that maxima over channels tie."""
+    ref = _attention(name, channels, "reference")
+    for mlp in [m for m in ref.modules() if isinstance(m, nn.Sequential)]:
+        with torch.no_grad():
+            mlp[2].weight[1] = mlp[2].weight[0]
+            mlp[2].bias[1] = mlp[2].bias[0]
+    fus = _attention(name, channels, "fused")
+    fus.load_state_dict(ref.state_dict())
+    return ref, fus
+
+
+def _bn(channels: int, ties: bool = True) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.weight[2] = -0.7  # a negative gamma: MaxPool of F comes from the minimum of x
+        bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 1.5)
+        if not ties:
+            return bn
+        bn.weight[3] = 0.0  # zero gamma (zero-init residual): F is constant, every position ties
+        bn.weight[1] = bn.weight[0]  # twins of the MLP rows above
+        bn.bias[0] = bn.bias[1] = 1.5  # the twins are often the largest channel: ties over channels
+    return bn
+
+
+def _tied_input(n=3, c=16, h=6, w=5, dtype=torch.float32):
+    """x with tied maxima: two positions share each (n, c) maximum and minimum, channels 0 and 1 are equal."""
+    x = torch.randn(n, c, h, w, dtype=dtype)
+    x[:, 1] = x[:, 0]
+    top, bottom = x.amax(dim=(2, 3)) + 1, x.amin(dim=(2, 3)) - 1
+    x[:, :, 0, 0] = x[:, :, 2, 3] = top
+    x[:, :, 1, 1] = x[:, :, 4, 2] = bottom
+    return x
+
+
+def _run(fn, params, *inputs, grad):
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*inputs)
+    out.backward(grad)
+    return out.detach(), [t.grad for t in inputs], [p.grad.clone() for p in params]
+
+
+def _assert_close(actual, expected, what, tol=1e-5):
+    """|a - b| <= tol * max(1, |b|_max): 1e-5 absolute for values of order one, relative for sums."""
+    scale = max(1.0, expected.abs().max().item())
+    err = (actual - expected).abs().max().item()
+    assert err <= tol * scale, f"{what}: max |fused - reference| = {err:.3g} (scale {scale:.3g})"
+
+
+def _compare(ref_out, fus_out, names):
+    (y_r, gi_r, gp_r), (y_f, gi_f, gp_f) = ref_out, fus_out
+    _assert_close(y_f, y_r, "output")
+    for i, (a, b) in enumerate(zip(gi_f, gi_r, strict=True)):
+        _assert_close(a, b, f"input {i} gradient")
+    for name, a, b in zip(names, gp_f, gp_r, strict=True):
+        _assert_close(a, b, f"{name} gradient")
+
+
+def _check_tail(name: str, training: bool, memory_format=torch.contiguous_format) -> None:
+    """relu(attention(BN(x)) + shortcut), fused against reference: output, gradients, buffers."""
+    ref, fus = _pair(name)
+    bn_r = _bn(16)
+    bn_f = copy.deepcopy(bn_r)
+    for m in (ref, fus, bn_r, bn_f):
+        m.train(training)
+    x = _tied_input().contiguous(memory_format=memory_format)
+    sc = torch.randn(3, 16, 6, 5).contiguous(memory_format=memory_format)
+    dy = torch.randn(3, 16, 6, 5)
+    params_r = [*bn_r.parameters(), *ref.parameters()]
+    params_f = [*bn_f.parameters(), *fus.parameters()]
+    out_r = _run(lambda x, s: torch.relu(ref(bn_r(x)) + s), params_r, x, sc, grad=dy)
+    out_f = _run(lambda x, s: fus.forward_tail(x, bn_f, s), params_f, x, sc, grad=dy)
+    names = [f"bn.{n}" for n, _ in bn_r.named_parameters()] + [n for n, _ in ref.named_parameters()]
+    _compare(out_r, out_f, names)
+    for (bname, a), b in zip(bn_r.named_buffers(), bn_f.buffers(), strict=True):
+        _assert_close(b.float(), a.float(), f"BatchNorm buffer {bname}")
+    for (bname, a), b in zip(ref.named_buffers(), fus.buffers(), strict=True):
+        _assert_close(b.float(), a.float(), f"attention buffer {bname}")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", FUSED_VARIANTS)
+def test_block_tail_matches_reference(name, training):
+    """The tail of a residual block, fused in one Function, on inputs with tied maxima."""
+    _check_tail(name, training)
+
+
+@pytest.mark.parametrize("name", FUSED_VARIANTS)
+def test_standalone_module_matches_reference(name):
+    """Without BN and shortcut (placement pre/post, or the module used on its own), on tied inputs."""
+    ref, fus = _pair(name)
+    x, dy = _tied_input(), torch.randn(3, 16, 6, 5)
+    out_r = _run(ref, list(ref.parameters()), x, grad=dy)
+    out_f = _run(fus, list(fus.parameters()), x, grad=dy)
+    _compare(out_r, out_f, [n for n, _ in ref.named_parameters()])
+
+
+def test_tied_inputs_really_tie():
+    """The tie construction above produces ties of both reductions (else the tests prove less)."""
+    ref, _ = _pair("cbam_parallel")
+    f = _bn(16).train()(_tied_input())
+    over_hw = (f == f.amax(dim=(2, 3), keepdim=True)).sum(dim=(2, 3))
+    over_c = (f == f.amax(dim=1, keepdim=True)).sum(dim=1)
+    assert (over_hw >= 2).all() and (over_hw[:, 3] == 30).all()  # zero gamma: all 30 positions tie
+    assert (over_c >= 2).sum() > 0
+
+
+@pytest.mark.parametrize("arch,block", [("resnet18", BasicBlock), ("resnet50", Bottleneck)])
+@pytest.mark.parametrize("name", ["cbam", "cbam_spatial_first", "se"])
+def test_whole_network_matches_reference(arch, block, name):
+    """A whole ResNet, fused blocks versus reference blocks: logits, every parameter gradient.
+
+    In float64: through a deep float32 network the two implementations' ulp-level differences move
+    some ReLU pre-activations across zero, which changes gradients by far more than 1e-5 for either
+    implementation (the block-level tests above compare float32 on identical inputs)."""
+    kw = dict(num_classes=10, stem="cifar", width=0.25)
+    ref = create_model(arch, attention={"preset": name, "impl": "reference"}, **kw).double()
+    fus = create_model(arch, attention={"preset": name, "impl": "fused"}, **kw).double()
+    fus.load_state_dict(ref.state_dict())
+    assert any(isinstance(m, block) for m in fus.modules())
+    x, y = torch.randn(4, 3, 16, 16, dtype=torch.double), torch.randint(0, 10, (4,))
+    logits = {}
+    for key, model in (("ref", ref), ("fus", fus)):
+        logits[key] = model(x)
+        nn.functional.cross_entropy(logits[key], y).backward()
+    _assert_close(logits["fus"].detach(), logits["ref"].detach(), "logits", tol=1e-10)
+    for (n, p_r), p_f in zip(ref.named_parameters(), fus.parameters(), strict=True):
+        _assert_close(p_f.grad, p_r.grad, n, tol=1e-10)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", FUSED_VARIANTS)
+def test_gradcheck_double(name, training):
+    """Double-precision gradcheck of the fused Function w.r.t. x, the shortcut and every parameter
+    (away from ties, where max pooling has no derivative)."""
+    gate = _attention(name, 8, "fused")
+    bn = _bn(8, ties=False)
+    gate, bn = gate.double().train(training), bn.double().train(training)
+    x = torch.randn(2, 8, 4, 3, dtype=torch.double, requires_grad=True)
+    sc = torch.randn(2, 8, 4, 3, dtype=torch.double, requires_grad=True)
+    params = [*bn.parameters(), *gate.parameters()]
+    names = [f"bn.{n}" for n, _ in bn.named_parameters()] + [n for n, _ in gate.named_parameters()]
+
+    def fn(x, sc, *ps):
+        with (
+            torch.nn.utils.stateless._reparametrize_module(
+                bn, dict(zip([n for n, _ in bn.named_parameters()], ps[:2], strict=True))
+            ),
+            torch.nn.utils.stateless._reparametrize_module(
+                gate, dict(zip([n for n, _ in gate.named_parameters()], ps[2:], strict=True))
+            ),
+        ):
+            return fused_gated_tail(gate.fused_plan(bn), x, sc)
+
+    assert len(names) == len(params)
+    assert torch.autograd.gradcheck(fn, (x, sc, *[p.detach().requires_grad_() for p in params]))
+
+
+def _saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum().backward()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for ptr, n in storages.items() if ptr not in params)
+
+
+def test_fused_saves_what_the_block_without_attention_saves():
+    """Backward keeps x and y (which the block keeps anyway) and small tensors only."""
+    x = torch.randn(4, 256, 14, 14)
+    sizes = {}
+    for impl in ("none", "fused", "reference"):
+        torch.manual_seed(0)
+        attention = "none" if impl == "none" else {"preset": "cbam", "impl": impl}
+        block = Bottleneck(256, 64, attention=create_model("resnet50", attention=attention).attention).train()
+        sizes[impl] = _saved_bytes(block, x)
+    small = 4 * 256 * 4 * 8 + 4 * 14 * 14 * 4 * 8  # a few (N, C) and (N, H, W) float32 tensors
+    assert sizes["fused"] <= sizes["none"] + small, sizes
+    assert sizes["reference"] > 1.3 * sizes["none"], sizes  # what fusion saves, for scale
+
+
+def test_gate_hooks_fire_once_with_the_reference_values():
+    """TensorBoard's attention images hook the ``.gate`` modules: the fused path calls them once per
+    forward (not again in backward's recomputation) with the same Mc and Ms as the reference."""
+    ref, fus = _pair("cbam")
+    seen = {"ref": [], "fus": []}
+    for key, m in (("ref", ref), ("fus", fus)):
+        for gate in (m.channel_gate.gate, m.spatial_gate.gate):
+            gate.register_forward_hook(lambda mod, i, o, key=key: seen[key].append(o.detach()))
+    x = torch.randn(3, 16, 6, 5, requires_grad=True)
+    ref(x).sum().backward()
+    fus(x).sum().backward()
+    assert len(seen["fus"]) == len(seen["ref"]) == 2
+    for a, b in zip(seen["fus"], seen["ref"], strict=True):
+        _assert_close(a, b, "gate output")
+
+
+def test_bf16_autocast_close_to_reference():
+    ref, fus = _pair("cbam")
+    bn = _bn(16).train()
+    x, sc = torch.randn(3, 16, 6, 5).bfloat16(), torch.randn(3, 16, 6, 5).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_f = fus.forward_tail(x, copy.deepcopy(bn), sc)
+        y_r = torch.relu(ref(copy.deepcopy(bn)(x)) + sc)
+    assert y_f.dtype == torch.bfloat16
+    torch.testing.assert_close(y_f.float(), y_r.float(), atol=0.05, rtol=0.02)
+
+
+def test_unsupported_variants():
+    """impl=fused is refused where the fused Function does not implement the variant; impl=auto falls
+    back to the reference there."""
+    for spec in ({"preset": "cbam_conv1x1_k3"}, {"preset": "cbam_parallel", "parallel_combine": "add"}):
+        with pytest.raises(AttentionSpecError, match="impl=fused supports"):
+            build_attention(16, {**spec, "impl": "fused"})
+        assert build_attention(16, {**spec, "impl": "auto"}).impl == "reference"
+    assert build_attention(16, "cbam").impl == "auto"
+
+
+def test_whole_model_compile_uses_reference_inside():
+    """Under torch.compile of a whole model the fused Function steps aside (inductor fuses the reference)."""
+    m = build_attention(16, {"preset": "cbam", "impl": "fused"})
+    calls = []
+    original = fused_mod.FusedGatedTail.apply
+    fused_mod.FusedGatedTail.apply = lambda *a: calls.append(1) or original(*a)
+    try:
+        x = torch.randn(2, 16, 4, 4)
+        m(x)
+        assert calls == [1]
+        torch.compile(m, backend="eager")(x)
+        assert calls == [1]
+    finally:
+        fused_mod.FusedGatedTail.apply = original
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not fused_mod._toolchain_available("cpu"), reason="inductor needs a C++ compiler on CPU")
+@pytest.mark.parametrize("name", ["cbam", "cbam_spatial_first"])
+def test_compiled_kernels_match_reference(name, monkeypatch):
+    """The same comparison with the kernels compiled by inductor (C++), training and evaluation."""
+    monkeypatch.setattr(fused_mod, "KERNEL_MODE", "compiled")
+    for training in (True, False):
+        _check_tail(name, training, torch.channels_last)
+    kernels = [k for k in vars(fused_mod).values() if isinstance(k, fused_mod._Kernel)]
+    assert any(k.compiled is not None for k in kernels) and not any(k.failed for k in kernels)
