@@ -109,11 +109,11 @@ class ChannelGate(AttentionModule):
         """Mc(F) of shape (N, C, 1, 1)."""
         return self.attention_from_pooled(channel_pool(x, self.pool))
 
-    def attention_from_pooled(self, pooled: list[torch.Tensor], recompute: bool = False) -> torch.Tensor:
-        """Mc from the pooled (N, C) descriptors; ``recompute`` (fused backward) skips forward hooks."""
+    def attention_from_pooled(self, pooled: list[torch.Tensor]) -> torch.Tensor:
+        """Mc from the pooled (N, C) descriptors."""
         # One MLP call on the stacked descriptors, then the sum of Eq. (2).
         logits = self.mlp(torch.cat(pooled)).view(len(pooled), *pooled[0].shape).sum(0)
-        return (self.gate.forward if recompute else self.gate)(logits)[:, :, None, None]
+        return self.gate(logits)[:, :, None, None]
 
     def fused_plan(self, bn: nn.BatchNorm2d | None) -> FusedPlan:
         return FusedPlan("channel", self, None, bn)
@@ -160,18 +160,12 @@ class SpatialGate(AttentionModule):
         """Ms(F) of shape (N, 1, H, W)."""
         return self.attention_from_descriptor(self.describe(x))
 
-    def attention_from_descriptor(self, desc: torch.Tensor, recompute: bool = False) -> torch.Tensor:
-        """Ms from the spatial descriptor. ``recompute`` (fused backward) skips forward hooks and
-        normalises with the same statistics as forward without updating the running ones."""
+    def attention_from_descriptor(self, desc: torch.Tensor) -> torch.Tensor:
+        """Ms from the spatial descriptor."""
         logits = self.conv(desc)
-        bn = self.bn
-        if bn is not None and not recompute:
-            logits = bn(logits)
-        elif bn is not None:
-            batch_stats = bn.training or bn.running_mean is None
-            running = (None, None) if batch_stats else (bn.running_mean, bn.running_var)
-            logits = nnf.batch_norm(logits, *running, bn.weight, bn.bias, batch_stats, 0.0, bn.eps)
-        return (self.gate.forward if recompute else self.gate)(logits)
+        if self.bn is not None:
+            logits = self.bn(logits)
+        return self.gate(logits)
 
     def fused_plan(self, bn: nn.BatchNorm2d | None) -> FusedPlan:
         return FusedPlan("spatial", None, self, bn)

@@ -300,7 +300,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip or math.inf)
+        # The global norm is needed anyway to catch non-finite gradients; the rescaling pass only with clipping.
+        # One norm over the concatenated gradients: per-tensor norms cost ~14 ms a step on a 2-core CPU
+        # (one parallel region per tensor), 4% of the quickstart's step.
+        grads = [p.grad.reshape(-1) for p in self.model.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.cat(grads), dtype=torch.float32)
+        if self.t.grad_clip:
+            torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.t.grad_clip, norm)
         if not self.scaler.is_enabled() and not math.isfinite(norm.item()):  # gradients are all-reduced
             raise NonFiniteError(self._nonfinite_message("gradient norm"))
         self.scaler.step(self.optimizer)

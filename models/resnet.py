@@ -38,6 +38,8 @@ class _AttentionBlock(nn.Module):
         module supports it, see ``cbam.fused``), else the plain tail with attention before or after."""
         if self.placement == "residual" and isinstance(self.attn, AttentionModule):
             return self.attn.forward_tail(x, bn, identity)
+        if self.placement == "residual":  # nn.Identity, or a foreign module such as timm's CbamModule
+            return self.relu(self.attn(bn(x)) + identity)
         out = self.relu(bn(x) + identity)
         return self.attn(out) if self.placement == "post" else out
 

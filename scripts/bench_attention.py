@@ -7,8 +7,8 @@
 For no attention, SE, CBAM (each implementation of this project) and timm's CBAM in the same
 backbone, measures the training-step time (forward, backward, SGD step), the inference time and the
 bytes of activations saved for backward (``torch.autograd.graph.saved_tensors_hooks``, each storage
-counted once). Variants are interleaved and each figure is the median of ``--reps`` repetitions;
-everything is printed as a ratio to no attention.
+counted once). Variants are interleaved, in an order rotated by one at each repetition, and each
+figure is the median of ``--reps`` repetitions; everything is printed as a ratio to no attention.
 """
 
 from __future__ import annotations
@@ -112,13 +112,21 @@ def main(argv=None) -> int:
         sync()
         return time.perf_counter() - tic
 
-    for _ in range(args.warmup):
-        for name in models:
+    names = list(models)
+
+    def rotated(rep: int) -> list[str]:
+        """Each repetition starts one variant later: what runs before a variant (allocator and cache
+        state, machine drift) changes from repetition to repetition instead of favouring one."""
+        k = rep % len(names)
+        return names[k:] + names[:k]
+
+    for rep in range(args.warmup):
+        for name in rotated(rep):
             train_step(name)
             infer(name)
     times = {name: {"train": [], "infer": []} for name in models}
-    for _ in range(args.reps):  # interleaved: drift in machine speed hits every variant alike
-        for name in models:
+    for rep in range(args.reps):  # interleaved: drift in machine speed hits every variant alike
+        for name in rotated(rep):
             times[name]["train"].append(timed(train_step, name))
             times[name]["infer"].append(timed(infer, name))
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):

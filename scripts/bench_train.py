@@ -30,29 +30,45 @@ from omegaconf import open_dict  # noqa: E402
 
 from cbam.config import register_configs, to_container  # noqa: E402
 from cbam.data import build_batches  # noqa: E402
-from cbam.trainer import build_model, ns  # noqa: E402
+from cbam.trainer import AMP_DTYPES, autocast, build_model, ns, resolve_device  # noqa: E402
 
 
 def bare_loop(config: dict, steps: int) -> float:
-    """Images/s of the plainest loop over the same batches, model and optimizer settings."""
+    """Images/s of the plainest loop over the same batches, model, device, AMP and optimizer settings."""
     torch.manual_seed(0)
     t, o = config["trainer"], config["optim"]
-    train, _ = build_batches(ns(config["data"]), t["batch_size"], t["batch_size"], config["seed"], "cpu")
-    model = build_model(config).to(memory_format=torch.channels_last).train()
+    device = resolve_device(t["device"])
+    train, _ = build_batches(ns(config["data"]), t["batch_size"], t["batch_size"], config["seed"], device)
+    model = build_model(config).to(device, memory_format=torch.channels_last).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=o["momentum"], weight_decay=o["weight_decay"],
                           nesterov=o["nesterov"])  # fmt: skip
     batches = train.batches(0)
-    for _ in range(3):  # warm-up
-        x, y = next(batches)
-        torch.nn.functional.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y).backward()
-    tic, images = time.perf_counter(), 0
-    for _, (x, y) in zip(range(steps), batches, strict=False):
-        loss = torch.nn.functional.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y)
+
+    def step(x, y):
+        with autocast(device, AMP_DTYPES[t["amp"]]):
+            loss = torch.nn.functional.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
+    for _ in range(3):  # warm-up
+        step(*next(batches))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    tic, images = time.perf_counter(), 0
+    for _, (x, y) in zip(range(steps), batches, strict=False):
+        step(x, y)
         images += len(y)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return images / (time.perf_counter() - tic)
+
+
+def _device_name(config: dict) -> str:
+    device = resolve_device(config["trainer"]["device"])
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, amp={config['trainer']['amp']}"
+    return f"CPU x{torch.get_num_threads()} threads, amp={config['trainer']['amp']}"
 
 
 def main(argv=None) -> int:
@@ -78,7 +94,7 @@ def main(argv=None) -> int:
     bare.append(bare_loop(config, args.steps))
     base = statistics.fmean(bare)
     print(f"{args.experiment}: {config['model']['arch']} + {config['attention']['name']}, batch "
-          f"{config['trainer']['batch_size']}, {args.steps} steps, CPU x{torch.get_num_threads()} threads")  # fmt: skip
+          f"{config['trainer']['batch_size']}, {args.steps} steps, {_device_name(config)}")  # fmt: skip
     print(f"bare loop: {bare[0]:.0f} / {bare[1]:.0f} img/s (before / after)")
     print(f"train.py:  {ours:.0f} img/s  ->  {ours / base:.3f}x the bare loop")
     return 0

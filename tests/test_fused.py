@@ -14,6 +14,7 @@ from torch import nn
 from cbam import PRESETS, AttentionSpecError, build_attention
 from cbam import fused as fused_mod
 from cbam.fused import fused_gated_tail
+from cbam.profile import count_gmacs
 from models import create_model
 from models.resnet import BasicBlock, Bottleneck
 
@@ -124,6 +125,30 @@ def test_standalone_module_matches_reference(name):
     out_r = _run(ref, list(ref.parameters()), x, grad=dy)
     out_f = _run(fus, list(fus.parameters()), x, grad=dy)
     _compare(out_r, out_f, [n for n, _ in ref.named_parameters()])
+
+
+def test_inference_without_grad_matches_and_builds_no_graph():
+    ref, fus = _pair("cbam")
+    bn = _bn(16).eval()
+    ref.eval(), fus.eval()
+    x, sc = _tied_input(), torch.randn(3, 16, 6, 5)
+    with torch.no_grad():
+        y_f = fus.forward_tail(x, bn, sc)
+        y_r = torch.relu(ref(bn(x)) + sc)
+    assert not y_f.requires_grad
+    _assert_close(y_f, y_r, "inference output")
+
+
+def test_frozen_attention_parameters():
+    """Gates whose parameters do not require grad (fine-tuning the rest) still pass gradients through."""
+    ref, fus = _pair("cbam")
+    for p in [*ref.parameters(), *fus.parameters()]:
+        p.requires_grad_(False)
+    x, dy = _tied_input(), torch.randn(3, 16, 6, 5)
+    (y_r, (gx_r,), _), (y_f, (gx_f,), _) = _run(ref, [], x, grad=dy), _run(fus, [], x, grad=dy)
+    _assert_close(y_f, y_r, "output")
+    _assert_close(gx_f, gx_r, "input gradient")
+    assert all(p.grad is None for p in fus.parameters())
 
 
 def test_tied_inputs_really_tie():
@@ -274,6 +299,8 @@ def test_whole_model_compile_uses_reference_inside():
 def test_compiled_kernels_match_reference(name, monkeypatch):
     """The same comparison with the kernels compiled by inductor (C++), training and evaluation."""
     monkeypatch.setattr(fused_mod, "KERNEL_MODE", "compiled")
+    # The trainer counts GMACs under FlopCounterMode first: that runs eagerly and must not disable compilation.
+    count_gmacs(build_attention(16, {"preset": name, "impl": "fused"}), (16, 6, 5))
     for training in (True, False):
         _check_tail(name, training, torch.channels_last)
     kernels = [k for k in vars(fused_mod).values() if isinstance(k, fused_mod._Kernel)]
