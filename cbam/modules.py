@@ -1,4 +1,7 @@
-"""The attention modules of CBAM (Woo et al., ECCV 2018, section 3), straightforward autograd.
+"""The attention modules of CBAM (Woo et al., ECCV 2018, section 3).
+
+Each module holds the reference implementation (straightforward autograd, the methods here) and
+hands its work to ``cbam.fused`` when its ``impl`` says so (see ``AttentionModule``).
 
 Reductions are ``mean`` / ``amax`` over tensor dimensions rather than ``nn.Adaptive*Pool2d``:
 the adaptive max pool gives NaN under AMP + channels_last, is non-deterministic in CUDA
