@@ -114,10 +114,6 @@ def _announce_compilation() -> None:
     )
 
 
-def kernel(fn) -> _Kernel:
-    return _Kernel(fn)
-
-
 def _acc(x: torch.Tensor) -> torch.Tensor:
     """Accumulation dtype: float32 for float32/half/bfloat16 inputs, float64 stays float64."""
     return x if x.dtype == torch.float64 else x.float()
@@ -166,7 +162,7 @@ def _d_spatial_input(v, terms):
     return d_mean[:, None] / v.shape[1] + torch.where(v == smax[:, None], (d_max / count)[:, None], 0.0)
 
 
-@kernel
+@_Kernel
 def k_x_stats(x):
     """Per (n, c): mean, variance, max and min of x over H, W (one pass; BN statistics and the
     channel pooling of F = x * s + t both follow from them). The sums are taken around a
@@ -180,21 +176,21 @@ def k_x_stats(x):
     return mean_d + shift[:, :, 0, 0], var, xf.amax(dim=(2, 3)), xf.amin(dim=(2, 3))
 
 
-@kernel
+@_Kernel
 def k_channel_pool(x, s, t, b):
     """AvgPool and MaxPool over H, W of u = F (* b)."""
     u = _gated(_bn(x, s, t), None, b)
     return u.mean(dim=(2, 3)), u.amax(dim=(2, 3))
 
 
-@kernel
+@_Kernel
 def k_spatial_pool(x, s, t, a):
     """MaxPool and AvgPool over channels of v = F (* a): the (N, H, W) halves of Eq. (3)'s descriptor."""
     v = _gated(_bn(x, s, t), a, None)
     return v.amax(dim=1), v.mean(dim=1)
 
 
-@kernel
+@_Kernel
 def k_output(x, s, t, a, b, shortcut):
     """y = relu(F * a * b + shortcut), or F * a * b without a shortcut."""
     z = _gated(_bn(x, s, t), a, b)
@@ -203,7 +199,7 @@ def k_output(x, s, t, a, b, shortcut):
     return z.to(x.dtype)
 
 
-@kernel
+@_Kernel
 def k_reduce_hw(dy, y, x, s, t, a, b, u_has_b, v_terms, cmax):
     """Over H, W: dL/da = sum (g * b + dv (if v = F * a)) * F, and the tie count of the channel max."""
     f = _bn(x, s, t)
@@ -217,7 +213,7 @@ def k_reduce_hw(dy, y, x, s, t, a, b, u_has_b, v_terms, cmax):
     return d_a, (u == _nc(cmax)).sum(dim=(2, 3)).to(f.dtype)
 
 
-@kernel
+@_Kernel
 def k_reduce_c(dy, y, x, s, t, a, b, v_has_a, u_terms, smax):
     """Over C: dL/db = sum (g * a + du (if u = F * b)) * F, and the tie count of the spatial max."""
     f = _bn(x, s, t)
@@ -229,7 +225,7 @@ def k_reduce_c(dy, y, x, s, t, a, b, v_has_a, u_terms, smax):
     return d_b, (v == smax[:, None]).sum(dim=1).to(f.dtype)
 
 
-@kernel
+@_Kernel
 def k_input_grads(dy, y, x, s, t, a, b, order, u_terms, v_terms, bn_stats, bn_training, dx_dtype, dsc_dtype):
     """dL/dx through gates and BN (training: the batch statistics' terms too), dL/dshortcut, dgamma, dbeta."""
     f = _bn(x, s, t)
