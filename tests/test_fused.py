@@ -127,16 +127,54 @@ def test_standalone_module_matches_reference(name):
     _compare(out_r, out_f, [n for n, _ in ref.named_parameters()])
 
 
-def test_inference_without_grad_matches_and_builds_no_graph():
-    ref, fus = _pair("cbam")
+def _check_inference(name: str, memory_format) -> None:
+    """Evaluation without gradients (the one-graph path, ``k_inference``) against the reference."""
+    ref, fus = _pair(name)
     bn = _bn(16).eval()
     ref.eval(), fus.eval()
-    x, sc = _tied_input(), torch.randn(3, 16, 6, 5)
+    x = _tied_input().contiguous(memory_format=memory_format)
+    sc = torch.randn(3, 16, 6, 5).contiguous(memory_format=memory_format)
     with torch.no_grad():
         y_f = fus.forward_tail(x, bn, sc)
         y_r = torch.relu(ref(bn(x)) + sc)
+        alone_f, alone_r = fus(x), ref(x)  # placement pre/post: no BN, no shortcut
     assert not y_f.requires_grad
     _assert_close(y_f, y_r, "inference output")
+    _assert_close(alone_f, alone_r, "inference output without BN and shortcut")
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("name", FUSED_VARIANTS)
+def test_inference_without_grad_matches_and_builds_no_graph(name, memory_format):
+    """channels_last 6x5 maps take the tiled channel pooling (tiles of 6 rows)."""
+    _check_inference(name, memory_format)
+
+
+def test_inference_graph_only_without_hooks_and_in_eval_mode():
+    """The one-graph inference path would trace the gates' modules: hooks and BN updates need the
+    module calls themselves, so either sends the tail to the separate kernels."""
+    _, fus = _pair("cbam")
+    bn = _bn(16).eval()
+    fus.eval()
+    assert fused_mod._inference_graph_ok(fus.fused_plan(bn))
+    assert not fused_mod._inference_graph_ok(fus.fused_plan(bn.train()))
+    fus.spatial_gate.bn.train()
+    assert not fused_mod._inference_graph_ok(fus.fused_plan(bn.eval()))
+    fus.eval()
+    handle = fus.channel_gate.gate.register_forward_hook(lambda *args: None)
+    assert not fused_mod._inference_graph_ok(fus.fused_plan(bn))
+    handle.remove()
+    with nn.modules.module.register_module_forward_hook(lambda *args: None):
+        assert not fused_mod._inference_graph_ok(fus.fused_plan(bn))
+    assert fused_mod._inference_graph_ok(fus.fused_plan(bn))
+
+
+def test_hw_tiles_reduce_like_one_step():
+    x = torch.randn(2, 5, 14, 12).contiguous(memory_format=torch.channels_last)
+    tile = fused_mod._hw_tile(x)
+    assert tile == 7 and fused_mod._hw_tile(x.contiguous()) == 1
+    for op in (torch.sum, torch.amax, torch.amin):
+        torch.testing.assert_close(fused_mod._reduce_hw(x, op, tile), op(x, dim=(2, 3)))
 
 
 def test_frozen_attention_parameters():
@@ -265,6 +303,12 @@ def test_bf16_autocast_close_to_reference():
         y_r = torch.relu(ref(copy.deepcopy(bn)(x)) + sc)
     assert y_f.dtype == torch.bfloat16
     torch.testing.assert_close(y_f.float(), y_r.float(), atol=0.05, rtol=0.02)
+    for m in (ref, fus, bn):
+        m.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # evaluation: the one-graph path
+        y_f, y_r = fus.forward_tail(x, bn, sc), torch.relu(ref(bn(x)) + sc)
+    assert y_f.dtype == torch.bfloat16
+    torch.testing.assert_close(y_f.float(), y_r.float(), atol=0.05, rtol=0.02)
 
 
 def test_unsupported_variants():
@@ -297,11 +341,14 @@ def test_whole_model_compile_uses_reference_inside():
 @pytest.mark.skipif(not fused_mod._toolchain_available("cpu"), reason="inductor needs a C++ compiler on CPU")
 @pytest.mark.parametrize("name", ["cbam", "cbam_spatial_first"])
 def test_compiled_kernels_match_reference(name, monkeypatch):
-    """The same comparison with the kernels compiled by inductor (C++), training and evaluation."""
+    """The same comparison with the kernels compiled by inductor (C++): training, evaluation with
+    gradients (the Function) and without (one graph)."""
     monkeypatch.setattr(fused_mod, "KERNEL_MODE", "compiled")
     # The trainer counts GMACs under FlopCounterMode first: that runs eagerly and must not disable compilation.
     count_gmacs(build_attention(16, {"preset": name, "impl": "fused"}), (16, 6, 5))
     for training in (True, False):
         _check_tail(name, training, torch.channels_last)
+    _check_inference(name, torch.channels_last)
     kernels = [k for k in vars(fused_mod).values() if isinstance(k, fused_mod._Kernel)]
-    assert any(k.compiled is not None for k in kernels) and not any(k.failed for k in kernels)
+    assert fused_mod.k_inference.compiled is not None and fused_mod.k_output.compiled is not None
+    assert not any(k.failed for k in kernels)
