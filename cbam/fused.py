@@ -481,11 +481,12 @@ class FusedGatedTail(torch.autograd.Function):
 
 def fused_gated_tail(plan: FusedPlan, x: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
     """relu(BN(x) * Mc * Ms + shortcut) (BN and the shortcut optional), with fused kernels."""
-    params = ([] if plan.bn is None else [plan.bn.weight, plan.bn.bias]) + plan.gate_params
     # Kernels accumulate in float32 whatever the autocast state; the small gate graphs run in float32 too.
     with torch.autocast(x.device.type, enabled=False):
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, shortcut, *params)):
-            return FusedGatedTail.apply(plan, x, shortcut, *params)
+        if torch.is_grad_enabled():
+            params = ([] if plan.bn is None else [plan.bn.weight, plan.bn.bias]) + plan.gate_params
+            if any(t is not None and t.requires_grad for t in (x, shortcut, *params)):
+                return FusedGatedTail.apply(plan, x, shortcut, *params)
         if _inference_graph_ok(plan):
             return k_inference(plan, x, shortcut)
         return _forward(plan, x, shortcut, record=False)[0]
