@@ -301,10 +301,10 @@ class Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         # The global norm is needed anyway to catch non-finite gradients; the rescaling pass only with clipping.
-        # One norm over the concatenated gradients: per-tensor norms cost ~14 ms a step on a 2-core CPU
-        # (one parallel region per tensor), 4% of the quickstart's step.
-        grads = [p.grad.reshape(-1) for p in self.model.parameters() if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.cat(grads), dtype=torch.float32)
+        # foreach=True also on CPU: one multi-tensor call; on ResNet-50's gradients 5 ms against 10 ms for
+        # clip_grad_norm_'s per-tensor loop and 45 ms for one norm over the concatenated gradients.
+        norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None],
+                                             foreach=True)  # fmt: skip
         if self.t.grad_clip:
             torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.t.grad_clip, norm)
         if not self.scaler.is_enabled() and not math.isfinite(norm.item()):  # gradients are all-reduced
