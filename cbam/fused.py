@@ -238,7 +238,7 @@ def k_reduce_hw(dy, y, x, s, t, a, b, u_has_b, v_terms, cmax):
     if cmax is None:
         return d_a, None
     u = f * b[:, None] if u_has_b else f
-    return d_a, (u == _nc(cmax)).sum(dim=(2, 3)).to(f.dtype)
+    return d_a, (u == _nc(cmax)).to(f.dtype).sum(dim=(2, 3))  # float counts: no int64 accumulators
 
 
 @_Kernel
@@ -250,12 +250,73 @@ def k_reduce_c(dy, y, x, s, t, a, b, v_has_a, u_terms, smax):
         g = g + _d_channel_input(f * b[:, None], u_terms)
     d_b = (g * f).sum(dim=1)
     v = f * _nc(a) if v_has_a else f
-    return d_b, (v == smax[:, None]).sum(dim=1).to(f.dtype)
+    return d_b, (v == smax[:, None]).to(f.dtype).sum(dim=1)
 
 
-@_Kernel
-def k_input_grads(dy, y, x, s, t, a, b, order, u_terms, v_terms, bn_stats, bn_training, dx_dtype, dsc_dtype):
-    """dL/dx through gates and BN (training: the batch statistics' terms too), dL/dshortcut, dgamma, dbeta."""
+# Inductor stores a pointwise result to memory when it reads many inputs (over 4 with several consumers, over
+# 12 on CPU in any case); g * b and d(BN output) here are such results, and storing them adds a full-size
+# write and read to the pass. These options keep them in registers (checked in the generated C++).
+_ONE_PASS = {"realize_cpu_acc_reads_threshold": 64, "realize_reads_threshold": 32}
+
+
+@partial(_Kernel, options=_ONE_PASS)
+def k_channel_sums(dy, y, x, s, t, mean, a, b, v_terms, v_has_a, cmax):
+    """Over H, W, per (n, c), when the channel gate's input is F (every order but spatial_first) and a
+    BatchNorm precedes; with xc = x - mean, so that F = xc * s + beta:
+
+        p = sum g * b,  q = sum g * b * xc,  r = sum dv,  rx = sum dv * xc,  ux = sum xc,
+        ties = the number of positions equal to the channel max cmax,  tie_x = the sum of xc over them.
+
+    dL/da and the BatchNorm's dgamma and dbeta are linear in these (``_channel_and_bn_grads``), so the
+    input-gradient pass needs no reduction of its own. Reducing d(BN output) over N, H, W there cost
+    more than this whole kernel: inductor stored it in full, then walked it channel block by channel
+    block (ResNet-50 training step, 2-core CPU: the fused tails' time 331 -> 279 ms)."""
+    xc = _acc(x) - mean[None, :, None, None]
+    f = _bn(x, s, t)
+    g = _gated(_masked(dy, y), None, b)
+    sums = [g.sum(dim=(2, 3)), (g * xc).sum(dim=(2, 3))]
+    if v_terms is not None:
+        dv = _d_spatial_input(f * _nc(a) if v_has_a else f, v_terms)
+        sums += [dv.sum(dim=(2, 3)), (dv * xc).sum(dim=(2, 3))]
+    else:
+        sums += [None, None]
+    sums.append(xc.sum(dim=(2, 3)))
+    if cmax is not None:
+        ties = f == _nc(cmax)
+        sums += [ties.to(f.dtype).sum(dim=(2, 3)), torch.where(ties, xc, 0.0).sum(dim=(2, 3))]
+    else:
+        sums += [None, None]
+    return tuple(sums)
+
+
+def _channel_and_bn_grads(sums, s, beta, invstd, a, hw: int, v_has_a: bool):
+    """From ``k_channel_sums``: dL/da, the channel max's tie count, and a function that turns the
+    channel gate's input terms into (dgamma, dbeta), the sums over N, H, W of d_f * xhat and d_f
+    for d_f = g * a * b + du + dv (dv * a when v = F * a)."""
+    p, q, r, rx, ux, ties, tie_x = sums
+    if r is None:  # no spatial gate
+        r = rx = torch.zeros_like(p)
+    if v_has_a:  # dL/da = sum (g * b + dv) * F, F = xc * s + beta
+        d_a, row, row_x = (q + rx) * s + (p + r) * beta, a * (p + r), a * (q + rx)
+    else:
+        d_a, row, row_x = q * s + p * beta, a * p + r, a * q + rx
+
+    def bn_grads(u_terms):
+        d_avg, d_max, _, _ = u_terms
+        d_row, d_row_x = row, row_x
+        if d_avg is not None:  # AvgPool spreads d_avg over H * W: sum du = d_avg, sum du * xc = d_avg * mean xc
+            d_row, d_row_x = d_row + d_avg, d_row_x + d_avg * ux / hw
+        if d_max is not None:  # MaxPool splits d_max over the ties, whose xc sum to tie_x
+            d_row, d_row_x = d_row + d_max, d_row_x + d_max * tie_x / ties
+        return d_row_x.sum(0) * invstd, d_row.sum(0)
+
+    return d_a, ties, bn_grads
+
+
+@partial(_Kernel, options=_ONE_PASS)
+def k_input_grads(dy, y, x, s, t, a, b, order, u_terms, v_terms, bn_stats, bn_training, dx_dtype, dsc_dtype, bn_grads):
+    """dL/dx through gates and BN (training: the batch statistics' terms too), dL/dshortcut, dgamma, dbeta.
+    ``bn_grads`` (dgamma, dbeta) when ``k_channel_sums`` gave them; else they are reduced here."""
     f = _bn(x, s, t)
     g = _masked(dy, y)
     d_f = _gated(g, a, b)
@@ -272,8 +333,11 @@ def k_input_grads(dy, y, x, s, t, a, b, order, u_terms, v_terms, bn_stats, bn_tr
         return d_f.to(dx_dtype), d_sc, None, None
     mean, invstd = bn_stats
     xhat = (_acc(x) - mean[None, :, None, None]) * invstd[None, :, None, None]
-    d_beta = d_f.sum(dim=(0, 2, 3))
-    d_gamma = (d_f * xhat).sum(dim=(0, 2, 3))
+    if bn_grads is not None:
+        d_gamma, d_beta = bn_grads
+    else:
+        d_beta = d_f.sum(dim=(0, 2, 3))
+        d_gamma = (d_f * xhat).sum(dim=(0, 2, 3))
     if bn_training:
         m = x.numel() // x.shape[1]
         d_f = d_f - (d_beta / m)[None, :, None, None] - xhat * (d_gamma / m)[None, :, None, None]
@@ -444,20 +508,27 @@ class FusedGatedTail(torch.autograd.Function):
             (d_smax, d_smean), grads = spatial.grad(d_b)
             return (d_smean, d_smax, desc[0], count_c), grads
 
-        if order in ("channel_first", "parallel", "spatial"):
-            if sg is not None:
-                d_b, count_c = k_reduce_c(dy, y, x, s, t, a, None, order == "channel_first", None, desc[0])
-                v_terms, sg_grads = spatial_backward(d_b)
-            if cg is not None:
-                vt = v_terms if order == "channel_first" else None
-                d_a, count_hw = k_reduce_hw(dy, y, x, s, t, a, b, False, vt, cmax)
-                u_terms, cg_grads = channel_backward(d_a)
-        else:  # spatial_first and channel-only
-            d_a, count_hw = k_reduce_hw(dy, y, x, s, t, a, b, b is not None, None, cmax)
+        bn_grads = None
+        if order == "spatial_first":  # the channel gate's input F * b depends on b: channel gate first
+            d_a, count_hw = k_reduce_hw(dy, y, x, s, t, a, b, True, None, cmax)
             u_terms, cg_grads = channel_backward(d_a)
+            d_b, count_c = k_reduce_c(dy, y, x, s, t, a, b, False, u_terms, desc[0])
+            v_terms, sg_grads = spatial_backward(d_b)
+        else:
+            v_has_a = order == "channel_first"
             if sg is not None:
-                d_b, count_c = k_reduce_c(dy, y, x, s, t, a, b, False, u_terms, desc[0])
+                d_b, count_c = k_reduce_c(dy, y, x, s, t, a, None, v_has_a, None, desc[0])
                 v_terms, sg_grads = spatial_backward(d_b)
+            if cg is not None and bn_stats is not None:
+                mean, invstd = bn_stats
+                sums = k_channel_sums(dy, y, x, s, t, mean, a, b, v_terms, v_has_a, cmax)
+                hw = x.shape[2] * x.shape[3]
+                d_a, count_hw, bn_grads_of = _channel_and_bn_grads(sums, s, t + mean * s, invstd, a, hw, v_has_a)
+                u_terms, cg_grads = channel_backward(d_a)
+                bn_grads = bn_grads_of(u_terms)
+            elif cg is not None:
+                d_a, count_hw = k_reduce_hw(dy, y, x, s, t, a, b, False, v_terms if v_has_a else None, cmax)
+                u_terms, cg_grads = channel_backward(d_a)
         d_x, d_sc, d_gamma, d_beta = k_input_grads(
             dy,
             y,
@@ -473,10 +544,11 @@ class FusedGatedTail(torch.autograd.Function):
             ctx.bn_batch_stats,
             x.dtype,
             ctx.shortcut_dtype,
+            bn_grads,
         )
         bn = plan.bn
-        bn_grads = [] if bn is None else [d_gamma.to(bn.weight.dtype), d_beta.to(bn.bias.dtype)]
-        return (None, d_x, d_sc, *bn_grads, *cg_grads, *sg_grads)
+        bn_param_grads = [] if bn is None else [d_gamma.to(bn.weight.dtype), d_beta.to(bn.bias.dtype)]
+        return (None, d_x, d_sc, *bn_param_grads, *cg_grads, *sg_grads)
 
 
 def fused_gated_tail(plan: FusedPlan, x: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
