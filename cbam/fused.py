@@ -410,10 +410,13 @@ class _SmallGraph:
         return grads[: len(self.leaves)], [by_param.get(id(p)) for p in params]
 
 
-def _forward(plan: FusedPlan, x: torch.Tensor, shortcut: torch.Tensor | None, record: bool):
-    """Forward pass: y, and (with ``record``) what backward needs, all small but x and y."""
+def _forward(plan: FusedPlan, x: torch.Tensor, shortcut: torch.Tensor | None, record: bool, bn_affine=None):
+    """Forward pass: y, and (with ``record``) what backward needs, all small but x and y.
+    ``bn_affine``: the BN's (s, t) when the caller computed them (evaluation mode)."""
     s = t = bn_stats = x_stats = None
-    if plan.bn is not None:
+    if bn_affine is not None:
+        s, t = bn_affine
+    elif plan.bn is not None:
         s, t, bn_stats, x_stats = _bn_scale_shift(plan.bn, x)
     cg, sg, order = plan.channel_gate, plan.spatial_gate, plan.order
     a = b = pooled = desc = channel = spatial = None
@@ -442,15 +445,18 @@ def _forward(plan: FusedPlan, x: torch.Tensor, shortcut: torch.Tensor | None, re
 
 
 # Inductor's CPU heuristics write a pointwise result read by several consumers to memory when it reads
-# more than 4 inputs; F = x * s + t with s, t computed from the BN's four tensors is such a result, and
-# storing it would add a full-size write and re-read. The separate kernels never see s, t's inputs.
+# more than 4 inputs (F = x * s + t times the gates is one); storing it would add a full-size write and
+# re-read to the graph.
 @partial(_Kernel, options={"realize_reads_threshold": 32})
-def k_inference(plan: FusedPlan, x, shortcut):
+def k_inference(plan: FusedPlan, x, shortcut, s, t):
     """The whole tail without gradients (evaluation) as one compiled graph: the three passes over x,
     the MLP and the spatial conv in one call. Each call and eager op costs most on a cold cache
     (after a block's convolutions); one graph per block measured about 6 ms less per ResNet-50
-    forward (batch 16, 2-core CPU, about 750 ms) than separate kernels and small ops."""
-    return _forward(plan, x, shortcut, record=False)[0]
+    forward (batch 16, 2-core CPU, about 750 ms) than separate kernels and small ops.
+
+    The BN's scale and shift (s, t) come in computed: from its buffers inside the graph, inductor
+    inlined rsqrt(running_var + eps) into every full-size loop (about 1 ms more per stage-1 block)."""
+    return _forward(plan, x, shortcut, record=False, bn_affine=None if s is None else (s, t))[0]
 
 
 def _inference_graph_ok(plan: FusedPlan) -> bool:
@@ -560,5 +566,6 @@ def fused_gated_tail(plan: FusedPlan, x: torch.Tensor, shortcut: torch.Tensor | 
             if any(t is not None and t.requires_grad for t in (x, shortcut, *params)):
                 return FusedGatedTail.apply(plan, x, shortcut, *params)
         if _inference_graph_ok(plan):
-            return k_inference(plan, x, shortcut)
+            s, t = _bn_scale_shift(plan.bn, x)[:2] if plan.bn is not None else (None, None)
+            return k_inference(plan, x, shortcut, s, t)
         return _forward(plan, x, shortcut, record=False)[0]
