@@ -170,23 +170,27 @@ def _reduce_hw(t: torch.Tensor, op, tile: int) -> torch.Tensor:
     return op(op(rows, dim=2), dim=1)
 
 
+# The gradient terms below come per position, divided outside the kernels: a division of a small tensor
+# written inside one is recomputed for every element of the full-size loop.
+
+
 def _d_channel_input(u, terms):
-    """Gradient w.r.t. u from (d_avg, d_max, cmax, count): AvgPool spreads evenly over H*W,
-    MaxPool goes to the (tied) maxima."""
-    d_avg, d_max, cmax, count = terms
-    hw = u.shape[2] * u.shape[3]
+    """Gradient w.r.t. u from (d_avg / (H*W), d_max / ties, cmax), (N, C) each: AvgPool spreads
+    evenly over H, W, MaxPool goes to the (tied) maxima."""
+    du_avg, du_max, cmax = terms
     du = 0.0
-    if d_avg is not None:
-        du = _nc(d_avg) / hw
-    if d_max is not None:
-        du = du + torch.where(u == _nc(cmax), _nc(d_max / count), 0.0)
+    if du_avg is not None:
+        du = _nc(du_avg)
+    if du_max is not None:
+        du = du + torch.where(u == _nc(cmax), _nc(du_max), 0.0)
     return du
 
 
 def _d_spatial_input(v, terms):
-    """Gradient w.r.t. v from (d_mean, d_max, smax, count) of the [max; mean] channel pooling."""
-    d_mean, d_max, smax, count = terms
-    return d_mean[:, None] / v.shape[1] + torch.where(v == smax[:, None], (d_max / count)[:, None], 0.0)
+    """Gradient w.r.t. v from (d_mean / C, d_max / ties, smax), (N, H, W) each, of the [max; mean]
+    channel pooling."""
+    dv_mean, dv_max, smax = terms
+    return dv_mean[:, None] + torch.where(v == smax[:, None], dv_max[:, None], 0.0)
 
 
 @_Kernel
@@ -301,8 +305,7 @@ def _channel_and_bn_grads(sums, s, beta, invstd, a, hw: int, v_has_a: bool):
     else:
         d_a, row, row_x = q * s + p * beta, a * p + r, a * q + rx
 
-    def bn_grads(u_terms):
-        d_avg, d_max, _, _ = u_terms
+    def bn_grads(d_avg, d_max):
         d_row, d_row_x = row, row_x
         if d_avg is not None:  # AvgPool spreads d_avg over H * W: sum du = d_avg, sum du * xc = d_avg * mean xc
             d_row, d_row_x = d_row + d_avg, d_row_x + d_avg * ux / hw
@@ -333,14 +336,15 @@ def k_input_grads(dy, y, x, s, t, a, b, order, u_terms, v_terms, bn_stats, bn_tr
         return d_f.to(dx_dtype), d_sc, None, None
     mean, invstd = bn_stats
     xhat = (_acc(x) - mean[None, :, None, None]) * invstd[None, :, None, None]
-    if bn_grads is not None:
-        d_gamma, d_beta = bn_grads
+    if bn_grads is not None:  # (dgamma, dbeta, dbeta / m, dgamma / m), the quotients taken outside
+        d_gamma, d_beta, beta_term, gamma_term = bn_grads
     else:
         d_beta = d_f.sum(dim=(0, 2, 3))
         d_gamma = (d_f * xhat).sum(dim=(0, 2, 3))
-    if bn_training:
         m = x.numel() // x.shape[1]
-        d_f = d_f - (d_beta / m)[None, :, None, None] - xhat * (d_gamma / m)[None, :, None, None]
+        beta_term, gamma_term = d_beta / m, d_gamma / m
+    if bn_training:
+        d_f = d_f - beta_term[None, :, None, None] - xhat * gamma_term[None, :, None, None]
     d_x = d_f * s[None, :, None, None]
     return d_x.to(dx_dtype), d_sc, d_gamma, d_beta
 
@@ -504,37 +508,39 @@ class FusedGatedTail(torch.autograd.Function):
         u_terms = v_terms = None
         cg_grads = sg_grads = []
 
-        def channel_backward(d_a):
+        def channel_backward(d_a, ties):
+            """(terms for _d_channel_input, (d_avg, d_max), parameter gradients) from dL/da."""
             d_pooled, grads = channel.grad(d_a)
             d_avg = d_pooled[0] if cg.pool != "max" else None
             d_max = d_pooled[-1] if cg.pool != "avg" else None
-            return (d_avg, d_max, cmax, count_hw), grads
+            du_avg = None if d_avg is None else d_avg / (x.shape[2] * x.shape[3])
+            return (du_avg, None if d_max is None else d_max / ties, cmax), (d_avg, d_max), grads
 
-        def spatial_backward(d_b):
+        def spatial_backward(d_b, ties):
+            """(terms for _d_spatial_input, parameter gradients) from dL/db."""
             (d_smax, d_smean), grads = spatial.grad(d_b)
-            return (d_smean, d_smax, desc[0], count_c), grads
+            return (d_smean / x.shape[1], d_smax / ties, desc[0]), grads
 
         bn_grads = None
         if order == "spatial_first":  # the channel gate's input F * b depends on b: channel gate first
-            d_a, count_hw = k_reduce_hw(dy, y, x, s, t, a, b, True, None, cmax)
-            u_terms, cg_grads = channel_backward(d_a)
-            d_b, count_c = k_reduce_c(dy, y, x, s, t, a, b, False, u_terms, desc[0])
-            v_terms, sg_grads = spatial_backward(d_b)
+            u_terms, _, cg_grads = channel_backward(*k_reduce_hw(dy, y, x, s, t, a, b, True, None, cmax))
+            v_terms, sg_grads = spatial_backward(*k_reduce_c(dy, y, x, s, t, a, b, False, u_terms, desc[0]))
         else:
             v_has_a = order == "channel_first"
             if sg is not None:
-                d_b, count_c = k_reduce_c(dy, y, x, s, t, a, None, v_has_a, None, desc[0])
-                v_terms, sg_grads = spatial_backward(d_b)
+                v_terms, sg_grads = spatial_backward(*k_reduce_c(dy, y, x, s, t, a, None, v_has_a, None, desc[0]))
             if cg is not None and bn_stats is not None:
                 mean, invstd = bn_stats
                 sums = k_channel_sums(dy, y, x, s, t, mean, a, b, v_terms, v_has_a, cmax)
                 hw = x.shape[2] * x.shape[3]
-                d_a, count_hw, bn_grads_of = _channel_and_bn_grads(sums, s, t + mean * s, invstd, a, hw, v_has_a)
-                u_terms, cg_grads = channel_backward(d_a)
-                bn_grads = bn_grads_of(u_terms)
+                d_a, ties, bn_grads_of = _channel_and_bn_grads(sums, s, t + mean * s, invstd, a, hw, v_has_a)
+                u_terms, (d_avg, d_max), cg_grads = channel_backward(d_a, ties)
+                d_gamma, d_beta = bn_grads_of(d_avg, d_max)
+                m = x.numel() // x.shape[1]
+                bn_grads = (d_gamma, d_beta, d_beta / m, d_gamma / m)
             elif cg is not None:
-                d_a, count_hw = k_reduce_hw(dy, y, x, s, t, a, b, False, v_terms if v_has_a else None, cmax)
-                u_terms, cg_grads = channel_backward(d_a)
+                vt = v_terms if v_has_a else None
+                u_terms, _, cg_grads = channel_backward(*k_reduce_hw(dy, y, x, s, t, a, b, False, vt, cmax))
         d_x, d_sc, d_gamma, d_beta = k_input_grads(
             dy,
             y,
