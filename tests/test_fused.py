@@ -88,14 +88,15 @@ def _compare(ref_out, fus_out, names):
         _assert_close(a, b, f"{name} gradient")
 
 
-def _check_tail(name: str, training: bool, memory_format=torch.contiguous_format) -> None:
-    """relu(attention(BN(x)) + shortcut), fused against reference: output, gradients, buffers."""
+def _check_tail(name: str, training: bool, memory_format=torch.contiguous_format, offset: float = 0.0) -> None:
+    """relu(attention(BN(x)) + shortcut), fused against reference: output, gradients, buffers.
+    ``offset`` shifts x away from the BN's running mean."""
     ref, fus = _pair(name)
     bn_r = _bn(16)
     bn_f = copy.deepcopy(bn_r)
     for m in (ref, fus, bn_r, bn_f):
         m.train(training)
-    x = _tied_input().contiguous(memory_format=memory_format)
+    x = (_tied_input() + offset).contiguous(memory_format=memory_format)
     sc = torch.randn(3, 16, 6, 5).contiguous(memory_format=memory_format)
     dy = torch.randn(3, 16, 6, 5)
     params_r = [*bn_r.parameters(), *ref.parameters()]
@@ -115,6 +116,14 @@ def _check_tail(name: str, training: bool, memory_format=torch.contiguous_format
 def test_block_tail_matches_reference(name, training):
     """The tail of a residual block, fused in one Function, on inputs with tied maxima."""
     _check_tail(name, training)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", ["cbam", "cbam_parallel", "se"])
+def test_block_tail_far_from_bn_mean(name, training):
+    """x centred at 20 (running mean about 0): backward's per-(n, c) sums are taken around the BN's mean,
+    and dL/da = sum (g * b + dv) * F is rebuilt from them; no cancellation beyond float32 rounding."""
+    _check_tail(name, training, offset=20.0)
 
 
 @pytest.mark.parametrize("name", FUSED_VARIANTS)
