@@ -295,8 +295,8 @@ def k_channel_sums(dy, y, x, s, t, mean, a, b, v_terms, v_has_a, cmax):
 
 def _channel_and_bn_grads(sums, s, beta, invstd, a, hw: int, v_has_a: bool):
     """From ``k_channel_sums``: dL/da, the channel max's tie count, and a function that turns the
-    channel gate's input terms into (dgamma, dbeta), the sums over N, H, W of d_f * xhat and d_f
-    for d_f = g * a * b + du + dv (dv * a when v = F * a)."""
+    gradients w.r.t. the pooled descriptors (d_avg, d_max) into (dgamma, dbeta), the sums over
+    N, H, W of d_f * xhat and d_f for d_f = g * a * b + du + dv (dv * a when v = F * a)."""
     p, q, r, rx, ux, ties, tie_x = sums
     if r is None:  # no spatial gate
         r = rx = torch.zeros_like(p)
@@ -319,7 +319,8 @@ def _channel_and_bn_grads(sums, s, beta, invstd, a, hw: int, v_has_a: bool):
 @partial(_Kernel, options=_ONE_PASS)
 def k_input_grads(dy, y, x, s, t, a, b, order, u_terms, v_terms, bn_stats, bn_training, dx_dtype, dsc_dtype, bn_grads):
     """dL/dx through gates and BN (training: the batch statistics' terms too), dL/dshortcut, dgamma, dbeta.
-    ``bn_grads`` (dgamma, dbeta) when ``k_channel_sums`` gave them; else they are reduced here."""
+    ``bn_grads``: (dgamma, dbeta, dbeta / m, dgamma / m) when ``k_channel_sums`` gave them (m = N*H*W);
+    else they are reduced here."""
     f = _bn(x, s, t)
     g = _masked(dy, y)
     d_f = _gated(g, a, b)
