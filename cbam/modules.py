@@ -43,10 +43,13 @@ class AttentionModule(nn.Module):
             return False
         return self.impl == "fused" or kernel_mode(x.device.type) is not None
 
-    def forward_tail(self, x: torch.Tensor, bn: nn.Module, shortcut: torch.Tensor) -> torch.Tensor:
-        """relu(attention(bn(x)) + shortcut): a residual block's tail, fused where possible."""
+    def forward_tail(
+        self, x: torch.Tensor, bn: nn.Module, shortcut: torch.Tensor, x_is_temporary: bool = False
+    ) -> torch.Tensor:
+        """relu(attention(bn(x)) + shortcut): a residual block's tail, fused where possible.
+        ``x_is_temporary``: nothing else reads x afterwards, so evaluation may write the result into it."""
         if self.use_fused(x) and _fusable_bn(bn):
-            return fused_gated_tail(self.fused_plan(bn), x, shortcut)
+            return fused_gated_tail(self.fused_plan(bn), x, shortcut, overwrite_x=x_is_temporary)
         return nnf.relu(self(bn(x)) + shortcut, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -33,11 +33,14 @@ class _AttentionBlock(nn.Module):
         channels = inplanes if attention.placement == "pre" else out_planes
         self.attn = build_attention(channels, attention)
 
-    def _finish(self, x: torch.Tensor, bn: nn.Module, identity: torch.Tensor) -> torch.Tensor:
-        """relu(attention(bn(x)) + identity) for "residual" (one fused call where the attention
+    def _finish(self, conv: nn.Conv2d, branch: torch.Tensor, bn: nn.Module, identity: torch.Tensor) -> torch.Tensor:
+        """relu(attention(bn(conv(branch))) + identity) for "residual" (one fused call where the attention
         module supports it, see ``cbam.fused``), else the plain tail with attention before or after."""
+        x = conv(branch)
         if self.placement == "residual" and isinstance(self.attn, AttentionModule):
-            return self.attn.forward_tail(x, bn, identity)
+            # conv's output is this block's own temporary unless a forward hook may have kept it
+            hooked = conv._forward_hooks or nn.modules.module._global_forward_hooks
+            return self.attn.forward_tail(x, bn, identity, x_is_temporary=not hooked)
         if self.placement == "residual":  # nn.Identity, or a foreign module such as timm's CbamModule
             return self.relu(self.attn(bn(x)) + identity)
         out = self.relu(bn(x) + identity)
@@ -78,7 +81,7 @@ class BasicBlock(_AttentionBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(self._branch_input(x))))
-        return self._finish(self.conv2(out), self.bn2, identity)
+        return self._finish(self.conv2, out, self.bn2, identity)
 
 
 class Bottleneck(_AttentionBlock):
@@ -119,7 +122,7 @@ class Bottleneck(_AttentionBlock):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(self._branch_input(x))))
         out = self.relu(self.bn2(self.conv2(out)))
-        return self._finish(self.conv3(out), self.bn3, identity)
+        return self._finish(self.conv3, out, self.bn3, identity)
 
 
 STEMS = ("imagenet", "cifar")

@@ -147,8 +147,12 @@ def _check_inference(name: str, memory_format) -> None:
         y_f = fus.forward_tail(x, bn, sc)
         y_r = torch.relu(ref(bn(x)) + sc)
         alone_f, alone_r = fus(x), ref(x)  # placement pre/post: no BN, no shortcut
+        x_reused = x.clone()
+        y_in_x = fus.forward_tail(x_reused, bn, sc, x_is_temporary=True)
     assert not y_f.requires_grad
     _assert_close(y_f, y_r, "inference output")
+    assert y_in_x.data_ptr() == x_reused.data_ptr()
+    _assert_close(y_in_x, y_r, "inference output written into x")
     _assert_close(alone_f, alone_r, "inference output without BN and shortcut")
 
 
@@ -229,6 +233,34 @@ def test_whole_network_matches_reference(arch, block, name):
     _assert_close(logits["fus"].detach(), logits["ref"].detach(), "logits", tol=1e-10)
     for (n, p_r), p_f in zip(ref.named_parameters(), fus.parameters(), strict=True):
         _assert_close(p_f.grad, p_r.grad, n, tol=1e-10)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_evaluation_reuses_the_conv_output_unless_a_hook_sees_it(arch):
+    """In evaluation a block's tail writes its output into the conv output (a temporary of the block);
+    not when a forward hook on that conv may have kept the tensor, whose values must then stay."""
+    kw = dict(num_classes=10, stem="cifar", width=0.25)
+    ref = create_model(arch, attention={"preset": "cbam", "impl": "reference"}, **kw).eval()
+    fus = create_model(arch, attention={"preset": "cbam", "impl": "fused"}, **kw).eval()
+    fus.load_state_dict(ref.state_dict())
+    block = fus.layer2[0]
+    conv = block.conv3 if hasattr(block, "conv3") else block.conv2
+    conv_outputs = []
+    conv_forward = conv.forward  # wrapped as an attribute, not a hook: hooks turn the reuse off
+    conv.forward = lambda inp: conv_outputs.append(conv_forward(inp)) or conv_outputs[-1]
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        _assert_close(fus(images), ref(images), "logits with the conv outputs overwritten")
+        x = torch.randn(2, block.conv1.in_channels, 8, 8)
+        out = block(x)
+        assert out.data_ptr() == conv_outputs[-1].data_ptr()
+        kept = []
+        handle = conv.register_forward_hook(lambda mod, inp, output: kept.append((output, output.clone())))
+        out = block(x)
+        handle.remove()
+    ((seen, copy_at_hook),) = kept
+    assert torch.equal(seen, copy_at_hook), "the fused tail overwrote a conv output that a hook kept"
+    assert out.data_ptr() != seen.data_ptr()
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
