@@ -116,9 +116,14 @@ class ChannelGate(AttentionModule):
         return self.attention_from_pooled(channel_pool(x, self.pool))
 
     def attention_from_pooled(self, pooled: list[torch.Tensor]) -> torch.Tensor:
-        """Mc from the pooled (N, C) descriptors."""
-        # One MLP call on the stacked descriptors, then the sum of Eq. (2).
-        logits = self.mlp(torch.cat(pooled)).view(len(pooled), *pooled[0].shape).sum(0)
+        """Mc from the pooled (N, C) descriptors.
+
+        The MLP's last layer is linear, so Eq. (2)'s sum MLP(avg) + MLP(max) = W1 (h(avg) + h(max)) + 2 b1
+        (h: the layers before it) is taken before that layer: its matmul runs on N rows instead of 2N
+        (ResNet-50, stage 4: a quarter of the MLP's work, forward and backward)."""
+        first, act, last = self.mlp
+        hidden = act(first(torch.cat(pooled))).view(len(pooled), pooled[0].shape[0], -1).sum(0)
+        logits = nnf.linear(hidden, last.weight, last.bias * len(pooled))
         return self.gate(logits)[:, :, None, None]
 
     def fused_plan(self, bn: nn.BatchNorm2d | None) -> FusedPlan:

@@ -3,17 +3,26 @@
 
     python scripts/bench_attention.py                                 # ResNet-50, 224x224, batch 16, CPU
     python scripts/bench_attention.py --device cuda --amp bf16 --channels-last --batch 64
+    python scripts/bench_attention.py --channels-last --keep-freed-memory   # CPU without page faults
 
 For no attention, SE, CBAM (each implementation of this project) and timm's CBAM in the same
 backbone, measures the training-step time (forward, backward, SGD step), the inference time and the
 bytes of activations saved for backward (``torch.autograd.graph.saved_tensors_hooks``, each storage
 counted once). Variants are interleaved, in an order rotated by one at each repetition, and each
 figure is the median of ``--reps`` repetitions; everything is printed as a ratio to no attention.
+
+On the CPU, glibc's malloc hands blocks over 32 MiB back to the system when they are freed, and the
+next such allocation page-faults its memory in afresh; whether a tensor pays for that depends on what
+the process allocated before (ResNet-50 without attention: 1.19 to 1.46 s a training step on one
+machine, same code). ``--keep-freed-memory`` makes malloc keep freed memory for reuse, as PyTorch's
+CUDA allocator does, so that the ratios compare computation alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import statistics
 import sys
 import time
@@ -47,6 +56,15 @@ def variants(arch: str) -> dict:
     return out
 
 
+def keep_freed_memory() -> None:
+    """glibc's malloc: never mmap a block (so never unmap one when it is freed) and never trim the heap."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None or not (mallopt(m_mmap_max, 0) and mallopt(m_trim_threshold, 2**31 - 1)):
+        raise SystemExit("--keep-freed-memory needs glibc's malloc (Linux); this C library has no mallopt")
+
+
 def saved_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     """Bytes of distinct storages that autograd saves for backward in one training forward."""
     storages: dict[tuple[int, int], int] = {}
@@ -74,7 +92,10 @@ def main(argv=None) -> int:
     parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--only", nargs="*", help="subset of variants")
+    parser.add_argument("--keep-freed-memory", action="store_true", help="CPU: no page faults for large tensors")
     args = parser.parse_args(argv)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     device = torch.device(args.device)
     dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -136,7 +157,8 @@ def main(argv=None) -> int:
     base_infer = statistics.median(times["none"]["infer"])
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"{args.arch}, {args.image_size}x{args.image_size}, batch {args.batch}, {dev}, amp={args.amp}, "
-          f"channels_last={args.channels_last}, median of {args.reps}, torch {torch.__version__}\n")  # fmt: skip
+          f"channels_last={args.channels_last}, keep_freed_memory={args.keep_freed_memory}, median of {args.reps}, "
+          f"torch {torch.__version__}\n")  # fmt: skip
     print("| variant | train step (s) | train ratio | inference (s) | inference ratio | saved MiB | saved ratio |")
     print("|---|---|---|---|---|---|---|")
     for name in models:
