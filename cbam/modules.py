@@ -120,7 +120,7 @@ class ChannelGate(AttentionModule):
 
         The MLP's last layer is linear, so Eq. (2)'s sum MLP(avg) + MLP(max) = W1 (h(avg) + h(max)) + 2 b1
         (h: the layers before it) is taken before that layer: its matmul runs on N rows instead of 2N
-        (ResNet-50, stage 4: a quarter of the MLP's work, forward and backward)."""
+        (a quarter of the MLP's multiply-adds, forward and backward)."""
         first, act, last = self.mlp
         hidden = act(first(torch.cat(pooled))).view(len(pooled), pooled[0].shape[0], -1).sum(0)
         logits = nnf.linear(hidden, last.weight, last.bias * len(pooled))

@@ -13,8 +13,8 @@ figure is the median of ``--reps`` repetitions; everything is printed as a ratio
 
 On the CPU, glibc's malloc hands blocks over 32 MiB back to the system when they are freed, and the
 next such allocation page-faults its memory in afresh; whether a tensor pays for that depends on what
-the process allocated before (ResNet-50 without attention: 1.19 to 1.46 s a training step on one
-machine, same code). ``--keep-freed-memory`` makes malloc keep freed memory for reuse, as PyTorch's
+the process allocated before (ResNet-50 inference without attention: 0.36 s in one process and 0.56 s
+in another, same code and machine). ``--keep-freed-memory`` makes malloc keep freed memory for reuse, as PyTorch's
 CUDA allocator does, so that the ratios compare computation alone.
 """
 
@@ -57,7 +57,7 @@ def variants(arch: str) -> dict:
 
 
 def keep_freed_memory() -> None:
-    """glibc's malloc: never mmap a block (so never unmap one when it is freed) and never trim the heap."""
+    """glibc's malloc: never mmap a block (so never unmap one when it is freed); trim the heap only past 2 GiB."""
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
     mallopt = getattr(libc, "mallopt", None)
