@@ -14,8 +14,8 @@ figure is the median of ``--reps`` repetitions; everything is printed as a ratio
 On the CPU, glibc's malloc hands blocks over 32 MiB back to the system when they are freed, and the
 next such allocation page-faults its memory in afresh; whether a tensor pays for that depends on what
 the process allocated before (ResNet-50 inference without attention: 0.36 s in one process and 0.56 s
-in another, same code and machine). ``--keep-freed-memory`` makes malloc keep freed memory for reuse, as PyTorch's
-CUDA allocator does, so that the ratios compare computation alone.
+in another, same code and machine). ``--keep-freed-memory`` makes malloc keep freed memory for reuse,
+as PyTorch's CUDA allocator does, so that the ratios compare computation alone.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def keep_freed_memory() -> None:
     m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
     mallopt = getattr(libc, "mallopt", None)
     if mallopt is None or not (mallopt(m_mmap_max, 0) and mallopt(m_trim_threshold, 2**31 - 1)):
-        raise SystemExit("--keep-freed-memory needs glibc's malloc (Linux); this C library has no mallopt")
+        raise SystemExit("--keep-freed-memory needs glibc's malloc (Linux): mallopt is missing or refused the settings")
 
 
 def saved_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
