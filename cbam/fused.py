@@ -1,21 +1,24 @@
 """Fused CBAM: the gates of Eq. (1)-(3), the block's last BatchNorm, the shortcut addition and the
-ReLU as one ``torch.autograd.Function`` whose full-size passes are generated kernels.
+ReLU as one ``torch.autograd.Function`` whose forward and backward are each one generated graph.
 
 Why hand-written rather than plain autograd: the reference module keeps every full-size
 intermediate (F, F', F'', the max-reduction masks) for backward and makes a new tensor at each
 step. Here forward writes one full-size tensor (the block output y) and backward saves only
 
 - x, the conv output that BatchNorm saves anyway, F = BN(x) = x * s + t being recomputed inside
-  each kernel;
+  each pass;
 - y, which the next block's conv saves as its input (same storage);
-- (N, C) and (N, H*W) tensors: the gates a = Mc and b = Ms, the pooled maxima, BN statistics.
+- (N, C) and (N, H*W) tensors: the gates a = Mc and b = Ms, the pooled maxima, BN statistics, the
+  MLP's hidden layer and the spatial conv's normalised output.
 
-The full-size passes are plain tensor expressions compiled with ``torch.compile`` (inductor: C++
-on CPU, Triton on CUDA), so a pointwise prologue (BN, gates, ReLU mask) fuses into each reduction
-and nothing full-size is materialised in between. The small parts (the MLP, the k x k conv, the
-spatial BN and the sigmoids) run as ordinary autograd on detached (N, C) / (N, 2, H, W) inputs;
-backward differentiates their kept graphs. Without gradients (inference) the Function is skipped
-and, with BatchNorms in evaluation mode, the whole tail is one compiled graph (``k_inference``).
+Forward (``tail_forward``) and backward (``tail_backward``) are plain tensor functions with the
+gradients written out, the MLP's and the k x k conv's included, compiled whole with
+``torch.compile`` (inductor: C++ on CPU, Triton on CUDA). A pointwise prologue (BN, gates, ReLU
+mask) fuses into each full-size reduction and nothing full-size is materialised in between; one
+compiled call per direction and block measured far cheaper than separate kernels with the small
+parts run as autograd graphs between them (ResNet-50 training step, 2-core CPU: Python, guards and
+small-graph work cost about 50 ms of a 1.2 s step that way). Without gradients the same forward
+runs without keeping anything.
 
 Max pooling's gradient is split evenly between tied maxima, as ``torch.amax`` does; ties are found
 by recomputing the pooled input with the same operations as forward (inductor compiles with
@@ -23,7 +26,8 @@ by recomputing the pooled input with the same operations as forward (inductor co
 
 Notation (per block): x conv output (N, C, H, W); F = x * s + t; a (N, C) channel gate; b (N, H, W)
 spatial gate; u the channel gate's input (F * b for "spatial_first", else F); v the spatial gate's
-input (F * a for "channel_first", else F); y = relu(F * a * b + shortcut).
+input (F * a for "channel_first", else F); y = relu(F * a * b + shortcut); g = dL/d(F * a * b), the
+ReLU's mask applied to dL/dy (= dL/dshortcut).
 """
 
 from __future__ import annotations
@@ -32,11 +36,12 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
-from functools import cache, partial
+from functools import cache
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.nn import functional as nnf
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 log = logging.getLogger(__name__)
@@ -44,11 +49,11 @@ log = logging.getLogger(__name__)
 ORDERS = ("channel_first", "spatial_first", "parallel", "channel", "spatial")
 
 
-# ---- compiled kernels ------------------------------------------------------------------------------------------
+# ---- compiled graphs -------------------------------------------------------------------------------------------
 
 
 # "auto": compiled where a toolchain exists (else the fused path is not used by impl=auto); "compiled";
-# "eager": the same kernels run op by op (same numbers, slower; for debugging and fast tests).
+# "eager": the same functions run op by op (same numbers, slower; for debugging and fast tests).
 KERNEL_MODES = ("auto", "compiled", "eager")
 KERNEL_MODE = os.environ.get("CBAM_FUSED_KERNELS", "auto")
 if KERNEL_MODE not in KERNEL_MODES:
@@ -56,7 +61,7 @@ if KERNEL_MODE not in KERNEL_MODES:
 
 
 def kernel_mode(device_type: str) -> str | None:
-    """How fused kernels run on a device: "compiled", "eager", or None (auto mode, no toolchain)."""
+    """How fused graphs run on a device: "compiled", "eager", or None (auto mode, no toolchain)."""
     if KERNEL_MODE == "eager":
         return "eager"
     if KERNEL_MODE == "compiled" or _toolchain_available(device_type):
@@ -79,35 +84,38 @@ def _toolchain_available(device_type: str) -> bool:
     return False
 
 
-class _Kernel:
-    """A full-size pass, compiled with inductor (C++ on CPU, Triton on CUDA) or run eagerly."""
+# Inductor stores a pointwise result to memory when it reads many inputs (over 4 with several consumers, over
+# 12 on CPU in any case); g * b, F * a * b and d(BN output) are such results, and storing them adds a full-size
+# write and read to a pass. These options keep them in registers (checked in the generated C++).
+_ONE_PASS = {"realize_cpu_acc_reads_threshold": 64, "realize_reads_threshold": 32}
 
-    def __init__(self, fn, options=None):
+
+class _Graph:
+    """``fn(cfg, *tensors)`` compiled with inductor (C++ on CPU, Triton on CUDA), or run eagerly.
+    ``cfg`` (a ``TailConfig``) is static: one specialisation per configuration and shape."""
+
+    def __init__(self, fn):
         self.fn = fn
-        self.options = options
         self.compiled = None
         self.failed = False
 
-    def __call__(self, *args):
-        if torch.compiler.is_compiling():  # traced as part of a larger compiled kernel (k_inference)
-            return self.fn(*args)
-        device = next(a for a in args if isinstance(a, torch.Tensor)).device
-        if self.failed or kernel_mode(device.type) != "compiled" or _get_current_dispatch_mode() is not None:
-            # Under a dispatch mode (FlopCounterMode counting GMACs, say) torch.compile cannot run.
-            return self.fn(*args)
+    def __call__(self, cfg, x, *args):
+        if self.failed or kernel_mode(x.device.type) != "compiled" or _get_current_dispatch_mode() is not None:
+            # Under a dispatch mode (a user's TorchDispatchMode, say) torch.compile cannot run.
+            return self.fn(cfg, x, *args)
         if self.compiled is None:
             # Static shapes: on CPU the shape-specialised kernels were 10% faster per training step than
             # dynamic ones (ResNet-50, scripts/bench_attention.py). A network has a few distinct block
             # shapes per batch size, so allow more than dynamo's default of 8 specialisations.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self.compiled = torch.compile(self.fn, fullgraph=True, dynamic=False, options=self.options)
+            self.compiled = torch.compile(self.fn, fullgraph=True, dynamic=False, options=_ONE_PASS)
             _announce_compilation()
         try:
-            return self.compiled(*args)
+            return self.compiled(cfg, x, *args)
         except Exception as err:  # a broken toolchain must not stop training: fall back, say so once
             self.failed = True
-            log.warning("fused CBAM kernel %s could not be compiled (%s); running it eagerly", self.fn.__name__, err)
-            return self.fn(*args)
+            log.warning("fused CBAM graph %s could not be compiled (%s); running it eagerly", self.fn.__name__, err)
+            return self.fn(cfg, x, *args)
 
 
 @cache
@@ -116,6 +124,25 @@ def _announce_compilation() -> None:
         "fused CBAM: compiling its kernels for each new block shape on first use (tens of seconds on a small "
         "CPU; inductor caches them on disk for later runs). CBAM_FUSED_KERNELS=eager skips compilation."
     )
+
+
+@dataclass(frozen=True)
+class TailConfig:
+    """The static part of a fused call; compiled graphs specialise on it."""
+
+    order: str  # one of ORDERS
+    pool: str | None  # the channel gate's pooling ("avg", "max", "avgmax"); None: no channel gate
+    spatial: bool  # a spatial gate
+    padding: int  # of its k x k conv (k // 2)
+    spatial_bn: str | None  # its BatchNorm: None, "batch" (training statistics) or "running"
+    spatial_bn_eps: float
+    bn: str | None  # the block's BatchNorm before the gates: None, "batch" or "running"
+    bn_eps: float
+    record: bool  # keep what backward needs
+    overwrite_x: bool  # without record: write y into x's memory
+
+
+# ---- full-size passes ------------------------------------------------------------------------------------------
 
 
 def _acc(x: torch.Tensor) -> torch.Tensor:
@@ -133,12 +160,6 @@ def _bn(x, s, t):
     return f if s is None else f * s[None, :, None, None] + t[None, :, None, None]
 
 
-def _masked(dy, y):
-    """dL/d(pre-activation): the ReLU's mask applied to dy (y None: no ReLU)."""
-    g = _acc(dy)
-    return g if y is None else torch.where(y > 0, g, 0.0)
-
-
 def _gated(f, a, b):
     if a is not None:
         f = f * _nc(a)
@@ -153,7 +174,7 @@ def _hw_tile(x: torch.Tensor) -> int:
     Written here because inductor's C++ loop for such a reduction walks each vector of channels down
     all H*W rows (a stride of C floats); summing tiles of a few rows first, then the tiles, keeps the
     working set in L1. For the channel pooling this measured 1.3-3x faster on ResNet-50's maps (7 rows
-    did best of 4-16); the training kernels, whose reductions carry a longer prologue, measured slower
+    did best of 4-16); the training passes, whose reductions carry a longer prologue, measured slower
     with it and reduce in one step."""
     n, c, h, w = x.shape
     if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
@@ -168,10 +189,6 @@ def _reduce_hw(t: torch.Tensor, op, tile: int) -> torch.Tensor:
     n, c, h, w = t.shape
     rows = t.permute(0, 2, 3, 1).reshape(n, h * w // tile, tile, c)
     return op(op(rows, dim=2), dim=1)
-
-
-# The gradient terms below come per position, divided outside the kernels: a division of a small tensor
-# written inside one is recomputed for every element of the full-size loop.
 
 
 def _d_channel_input(u, terms):
@@ -193,7 +210,6 @@ def _d_spatial_input(v, terms):
     return dv_mean[:, None] + torch.where(v == smax[:, None], dv_max[:, None], 0.0)
 
 
-@_Kernel
 def k_x_stats(x):
     """Per (n, c): mean, variance, max and min of x over H, W (one pass; BN statistics and the
     channel pooling of F = x * s + t both follow from them). The sums are taken around a
@@ -207,7 +223,6 @@ def k_x_stats(x):
     return mean_d + shift[:, :, 0, 0], var, xf.amax(dim=(2, 3)), xf.amin(dim=(2, 3))
 
 
-@_Kernel
 def k_channel_pool(x, s, t, b):
     """AvgPool and MaxPool over H, W of u = F (* b)."""
     u = _gated(_bn(x, s, t), None, b)
@@ -215,14 +230,12 @@ def k_channel_pool(x, s, t, b):
     return _reduce_hw(u, torch.sum, tile) / (x.shape[2] * x.shape[3]), _reduce_hw(u, torch.amax, tile)
 
 
-@_Kernel
 def k_spatial_pool(x, s, t, a):
     """MaxPool and AvgPool over channels of v = F (* a): the (N, H, W) halves of Eq. (3)'s descriptor."""
     v = _gated(_bn(x, s, t), a, None)
     return v.amax(dim=1), v.mean(dim=1)
 
 
-@_Kernel
 def k_output(x, s, t, a, b, shortcut):
     """y = relu(F * a * b + shortcut), or F * a * b without a shortcut."""
     z = _gated(_bn(x, s, t), a, b)
@@ -231,11 +244,10 @@ def k_output(x, s, t, a, b, shortcut):
     return z.to(x.dtype)
 
 
-@_Kernel
-def k_reduce_hw(dy, y, x, s, t, a, b, u_has_b, v_terms, cmax):
+def k_reduce_hw(g, x, s, t, a, b, u_has_b, v_terms, cmax):
     """Over H, W: dL/da = sum (g * b + dv (if v = F * a)) * F, and the tie count of the channel max."""
     f = _bn(x, s, t)
-    g = _gated(_masked(dy, y), None, b)
+    g = _gated(_acc(g), None, b)
     if v_terms is not None:
         g = g + _d_spatial_input(f * _nc(a), v_terms)
     d_a = (g * f).sum(dim=(2, 3))
@@ -245,11 +257,10 @@ def k_reduce_hw(dy, y, x, s, t, a, b, u_has_b, v_terms, cmax):
     return d_a, (u == _nc(cmax)).to(f.dtype).sum(dim=(2, 3))  # float counts: no int64 accumulators
 
 
-@_Kernel
-def k_reduce_c(dy, y, x, s, t, a, b, v_has_a, u_terms, smax):
+def k_reduce_c(g, x, s, t, a, b, v_has_a, u_terms, smax):
     """Over C: dL/db = sum (g * a + du (if u = F * b)) * F, and the tie count of the spatial max."""
     f = _bn(x, s, t)
-    g = _gated(_masked(dy, y), a, None)
+    g = _gated(_acc(g), a, None)
     if u_terms is not None:
         g = g + _d_channel_input(f * b[:, None], u_terms)
     d_b = (g * f).sum(dim=1)
@@ -257,14 +268,7 @@ def k_reduce_c(dy, y, x, s, t, a, b, v_has_a, u_terms, smax):
     return d_b, (v == smax[:, None]).to(f.dtype).sum(dim=1)
 
 
-# Inductor stores a pointwise result to memory when it reads many inputs (over 4 with several consumers, over
-# 12 on CPU in any case); g * b and d(BN output) here are such results, and storing them adds a full-size
-# write and read to the pass. These options keep them in registers (checked in the generated C++).
-_ONE_PASS = {"realize_cpu_acc_reads_threshold": 64, "realize_reads_threshold": 32}
-
-
-@partial(_Kernel, options=_ONE_PASS)
-def k_channel_sums(dy, y, x, s, t, mean, a, b, v_terms, v_has_a, cmax):
+def k_channel_sums(g, x, s, t, mean, a, b, v_terms, v_has_a, cmax):
     """Over H, W, per (n, c), when the channel gate's input is F (every order but spatial_first) and a
     BatchNorm precedes; with xc = x - mean, so that F = xc * s + beta:
 
@@ -273,11 +277,11 @@ def k_channel_sums(dy, y, x, s, t, mean, a, b, v_terms, v_has_a, cmax):
 
     dL/da and the BatchNorm's dgamma and dbeta are linear in these (``_channel_and_bn_grads``), so the
     input-gradient pass needs no reduction of its own. Reducing d(BN output) over N, H, W there cost
-    more than this whole kernel: inductor stored it in full, then walked it channel block by channel
+    more than this whole pass: inductor stored it in full, then walked it channel block by channel
     block (ResNet-50 training step, 2-core CPU: the fused tails' time 331 -> 279 ms)."""
     xc = _acc(x) - mean[None, :, None, None]
     f = _bn(x, s, t)
-    g = _gated(_masked(dy, y), None, b)
+    g = _gated(_acc(g), None, b)
     sums = [g.sum(dim=(2, 3)), (g * xc).sum(dim=(2, 3))]
     if v_terms is not None:
         dv = _d_spatial_input(f * _nc(a) if v_has_a else f, v_terms)
@@ -316,14 +320,12 @@ def _channel_and_bn_grads(sums, s, beta, invstd, a, hw: int, v_has_a: bool):
     return d_a, ties, bn_grads
 
 
-@partial(_Kernel, options=_ONE_PASS)
-def k_input_grads(dy, y, x, s, t, a, b, order, u_terms, v_terms, bn_stats, bn_training, dx_dtype, dsc_dtype, bn_grads):
-    """dL/dx through gates and BN (training: the batch statistics' terms too), dL/dshortcut, dgamma, dbeta.
+def k_input_grads(g, x, s, t, a, b, order, u_terms, v_terms, bn_stats, bn_training, bn_grads):
+    """dL/dx through gates and BN (training: the batch statistics' terms too), dgamma, dbeta.
     ``bn_grads``: (dgamma, dbeta, dbeta / m, dgamma / m) when ``k_channel_sums`` gave them (m = N*H*W);
     else they are reduced here."""
     f = _bn(x, s, t)
-    g = _masked(dy, y)
-    d_f = _gated(g, a, b)
+    d_f = _gated(_acc(g), a, b)
     if u_terms is not None:
         u_has_b = order == "spatial_first"
         du = _d_channel_input(f * b[:, None] if u_has_b else f, u_terms)
@@ -332,9 +334,8 @@ def k_input_grads(dy, y, x, s, t, a, b, order, u_terms, v_terms, bn_stats, bn_tr
         v_has_a = order == "channel_first"
         dv = _d_spatial_input(f * _nc(a) if v_has_a else f, v_terms)
         d_f = d_f + (dv * _nc(a) if v_has_a else dv)
-    d_sc = g.to(dsc_dtype) if dsc_dtype is not None else None
     if bn_stats is None:
-        return d_f.to(dx_dtype), d_sc, None, None
+        return d_f.to(x.dtype), None, None
     mean, invstd = bn_stats
     xhat = (_acc(x) - mean[None, :, None, None]) * invstd[None, :, None, None]
     if bn_grads is not None:  # (dgamma, dbeta, dbeta / m, dgamma / m), the quotients taken outside
@@ -347,7 +348,171 @@ def k_input_grads(dy, y, x, s, t, a, b, order, u_terms, v_terms, bn_stats, bn_tr
     if bn_training:
         d_f = d_f - beta_term[None, :, None, None] - xhat * gamma_term[None, :, None, None]
     d_x = d_f * s[None, :, None, None]
-    return d_x.to(dx_dtype), d_sc, d_gamma, d_beta
+    return d_x.to(x.dtype), d_gamma, d_beta
+
+
+# ---- the small parts: Eq. (2)'s MLP and Eq. (3)'s conv, forward and backward ------------------------------------
+
+
+def _pick_pool(pool: str, pooled):
+    avg, mx = pooled
+    return {"avg": (avg,), "max": (mx,), "avgmax": (avg, mx)}[pool]
+
+
+def _mlp_forward(pooled, w0, b0, w1, b1):
+    """Eq. (2): a = sigmoid(sum_k MLP(p_k)) = sigmoid(W1 sum_k relu(W0 p_k + b0) + k b1), the sum taken
+    before the last layer as in ``ChannelGate.attention_from_pooled``. Also returns relu(W0 p + b0)
+    (k*N rows) and its sum over k, which backward needs."""
+    h = torch.relu(torch.addmm(b0, torch.cat(pooled), w0.t()))
+    hidden = h.view(len(pooled), pooled[0].shape[0], -1).sum(0)
+    return torch.sigmoid(torch.addmm(b1 * len(pooled), hidden, w1.t())), h, hidden
+
+
+def _mlp_backward(d_a, a, pooled, h, hidden, w0, w1):
+    """Gradients of ``_mlp_forward`` w.r.t. the pooled descriptors and (W0, b0, W1, b1)."""
+    k = len(pooled)
+    d_logits = d_a * a * (1 - a)
+    d_h = torch.where(h > 0, (d_logits @ w1).repeat(k, 1), 0.0)
+    d_pooled = (d_h @ w0).split(pooled[0].shape[0])
+    return d_pooled, [d_h.t() @ torch.cat(pooled), d_h.sum(0), d_logits.t() @ hidden, d_logits.sum(0) * k]
+
+
+def _stack_maps(maps: list[torch.Tensor]) -> torch.Tensor:
+    """(N, H, W) maps as an (N, k, H, W) tensor in channels_last layout: the k x k conv runs 20-60%
+    faster on it than on a contiguous one (oneDNN, CPU)."""
+    return torch.stack(maps, dim=-1).permute(0, 3, 1, 2)
+
+
+def _spatial_forward(cfg: TailConfig, desc, weight, bias, gamma, beta, running_mean, running_var):
+    """Eq. (3): b = sigmoid(BN(conv_kxk([max; mean]))) (the BN optional, as in ``SpatialGate``). Also
+    returns the BN's batch (mean, variance) and its normalised input z_hat and 1 / std for backward."""
+    z = nnf.conv2d(_stack_maps(list(desc)), weight, bias, padding=cfg.padding)
+    if cfg.spatial_bn is None:
+        return torch.sigmoid(z)[:, 0], None, None, None
+    if cfg.spatial_bn == "batch":
+        mean, var = z.mean(), z.var(correction=0)
+        invstd = torch.rsqrt(var + cfg.spatial_bn_eps)
+    else:
+        mean, var, invstd = running_mean, None, torch.rsqrt(running_var + cfg.spatial_bn_eps)
+    z_hat = (z - mean) * invstd
+    return torch.sigmoid(z_hat * gamma + beta)[:, 0], (mean, var), z_hat, invstd
+
+
+def _spatial_backward(cfg: TailConfig, d_b, b, desc, z_hat, invstd, weight, gamma, has_bias: bool):
+    """Gradients of ``_spatial_forward`` w.r.t. the descriptor's maps and (weight, [bias,] [gamma, beta])."""
+    d_z = (d_b * b * (1 - b))[:, None]
+    bn_grads = []
+    if cfg.spatial_bn is not None:
+        bn_grads = [(d_z * z_hat).sum().reshape(1), d_z.sum().reshape(1)]
+        if cfg.spatial_bn == "batch":
+            d_z = d_z - d_z.mean() - z_hat * (d_z * z_hat).mean()
+        d_z = d_z * (gamma * invstd)
+    maps = _stack_maps(list(desc))
+    d_maps, d_weight, d_bias = torch.ops.aten.convolution_backward(
+        d_z, maps, weight, [1] if has_bias else None, [1, 1], [cfg.padding] * 2, [1, 1], False, [0, 0], 1,
+        [True, True, has_bias],
+    )  # fmt: skip
+    return (d_maps[:, 0], d_maps[:, 1]), [d_weight, *([d_bias] if has_bias else []), *bn_grads]
+
+
+# ---- forward and backward graphs -------------------------------------------------------------------------------
+
+
+def _tail_forward(cfg: TailConfig, x, shortcut, bn_args, mlp, conv):
+    """y = relu(BN(x) * a * b + shortcut) (BN, gates and shortcut optional) and, with ``cfg.record``,
+    the small tensors backward needs; also the BatchNorms' batch statistics for their running ones.
+
+    bn_args: (gamma, beta) for batch statistics, (s, t, mean, invstd) for running ones (computed
+    outside: inside the graph, inductor inlined rsqrt(running_var + eps) into every full-size loop).
+    mlp: (W0, b0, W1, b1); conv: (weight, bias, gamma, beta, running_mean, running_var)."""
+    s = t = mean = invstd = x_stats = bn_batch = None
+    if cfg.bn == "batch":
+        mean_nc, var_nc, max_nc, min_nc = k_x_stats(x)
+        mean = mean_nc.mean(0)
+        var = (var_nc + (mean_nc - mean) ** 2).mean(0)  # parallel variance: within + between images
+        invstd = torch.rsqrt(var + cfg.bn_eps)
+        s = bn_args[0] * invstd
+        t = bn_args[1] - mean * s
+        bn_batch, x_stats = (mean, var), (mean_nc, max_nc, min_nc)
+    elif cfg.bn == "running":
+        s, t, mean, invstd = bn_args
+    order = cfg.order
+    a = b = pooled = h = hidden = desc = z_hat = z_invstd = spatial_batch = None
+
+    def channel_gate(pooled):
+        return _mlp_forward(_pick_pool(cfg.pool, pooled), *mlp)
+
+    if cfg.pool is not None and order != "spatial_first":
+        if x_stats is not None:  # pooling of F = x * s + t from x's statistics (exact: s * x + t is monotone)
+            mean_nc, max_nc, min_nc = x_stats
+            pooled = (mean_nc * s + t, torch.where(s >= 0, max_nc * s + t, min_nc * s + t))
+        else:
+            pooled = k_channel_pool(x, s, t, None)
+        a, h, hidden = channel_gate(pooled)
+    if cfg.spatial:
+        desc = k_spatial_pool(x, s, t, a if order == "channel_first" else None)
+        b, spatial_batch, z_hat, z_invstd = _spatial_forward(cfg, desc, *conv)
+    if cfg.pool is not None and order == "spatial_first":
+        pooled = k_channel_pool(x, s, t, b)
+        a, h, hidden = channel_gate(pooled)
+    y = k_output(x, s, t, a, b, shortcut)
+    if cfg.overwrite_x:
+        y = x.copy_(y)
+    stats = (bn_batch if cfg.bn == "batch" else None, spatial_batch if cfg.spatial_bn == "batch" else None)
+    if not cfg.record:
+        return y, stats, None
+    return y, stats, (s, t, mean, invstd, a, b, pooled, h, hidden, desc, z_hat, z_invstd)
+
+
+def _tail_backward(cfg: TailConfig, g, x, saved, mlp_weights, conv_weights):
+    """Gradients of ``_tail_forward`` from g = dL/d(F * a * b) (the ReLU's mask applied to dL/dy):
+    dL/dx, then (dgamma, dbeta) of the block's BN, the MLP's and the spatial gate's parameters."""
+    s, t, mean, invstd, a, b, pooled, h, hidden, desc, z_hat, z_invstd = saved
+    order, hw = cfg.order, x.shape[2] * x.shape[3]
+    cmax = pooled[1] if cfg.pool is not None and cfg.pool != "avg" else None
+    u_terms = v_terms = bn_grads = None
+    mlp_grads = spatial_grads = []
+
+    def channel_backward(d_a, ties):
+        """(terms for _d_channel_input, (d_avg, d_max), parameter gradients) from dL/da."""
+        d_pooled, grads = _mlp_backward(d_a, a, _pick_pool(cfg.pool, pooled), h, hidden, *mlp_weights)
+        d_avg = d_pooled[0] if cfg.pool != "max" else None
+        d_max = d_pooled[-1] if cfg.pool != "avg" else None
+        du_avg = None if d_avg is None else d_avg / hw
+        return (du_avg, None if d_max is None else d_max / ties, cmax), (d_avg, d_max), grads
+
+    def spatial_backward(d_b, ties):
+        """(terms for _d_spatial_input, parameter gradients) from dL/db."""
+        weight, has_bias, gamma = conv_weights
+        (d_smax, d_smean), grads = _spatial_backward(cfg, d_b, b, desc, z_hat, z_invstd, weight, gamma, has_bias)
+        return (d_smean / x.shape[1], d_smax / ties, desc[0]), grads
+
+    if order == "spatial_first":  # the channel gate's input F * b depends on b: channel gate first
+        u_terms, _, mlp_grads = channel_backward(*k_reduce_hw(g, x, s, t, a, b, True, None, cmax))
+        v_terms, spatial_grads = spatial_backward(*k_reduce_c(g, x, s, t, a, b, False, u_terms, desc[0]))
+    else:
+        v_has_a = order == "channel_first"
+        if cfg.spatial:
+            v_terms, spatial_grads = spatial_backward(*k_reduce_c(g, x, s, t, a, None, v_has_a, None, desc[0]))
+        if cfg.pool is not None and cfg.bn is not None:
+            sums = k_channel_sums(g, x, s, t, mean, a, b, v_terms, v_has_a, cmax)
+            d_a, ties, bn_grads_of = _channel_and_bn_grads(sums, s, t + mean * s, invstd, a, hw, v_has_a)
+            u_terms, (d_avg, d_max), mlp_grads = channel_backward(d_a, ties)
+            d_gamma, d_beta = bn_grads_of(d_avg, d_max)
+            m = x.numel() // x.shape[1]
+            bn_grads = (d_gamma, d_beta, d_beta / m, d_gamma / m)
+        elif cfg.pool is not None:
+            vt = v_terms if v_has_a else None
+            u_terms, _, mlp_grads = channel_backward(*k_reduce_hw(g, x, s, t, a, b, False, vt, cmax))
+    bn_stats = None if cfg.bn is None else (mean, invstd)
+    d_x, d_gamma, d_beta = k_input_grads(
+        g, x, s, t, a, b, order, u_terms, v_terms, bn_stats, cfg.bn == "batch", bn_grads
+    )  # fmt: skip
+    return d_x, [] if cfg.bn is None else [d_gamma, d_beta], mlp_grads, spatial_grads
+
+
+tail_forward = _Graph(_tail_forward)
+tail_backward = _Graph(_tail_backward)
 
 
 # ---- the autograd Function -------------------------------------------------------------------------------------
@@ -367,126 +532,73 @@ class FusedPlan:
         mods = [m for m in (self.channel_gate, self.spatial_gate) if m is not None]
         return [p for m in mods for p in m.parameters()]
 
+    def config(self, record: bool, overwrite_x: bool = False) -> TailConfig:
+        cg, sg = self.channel_gate, self.spatial_gate
+        sbn = sg.bn if sg is not None else None
+        return TailConfig(
+            order=self.order,
+            pool=cg.pool if cg is not None else None,
+            spatial=sg is not None,
+            padding=sg.conv.padding[0] if sg is not None else 0,
+            spatial_bn=_bn_mode(sbn),
+            spatial_bn_eps=sbn.eps if sbn is not None else 0.0,
+            bn=_bn_mode(self.bn),
+            bn_eps=self.bn.eps if self.bn is not None else 0.0,
+            record=record,
+            overwrite_x=overwrite_x,
+        )
 
-def _bn_scale_shift(bn: nn.BatchNorm2d, x: torch.Tensor):
-    """(s, t, (mean, invstd)) with BN(x) = x * s + t; in training mode from x's batch statistics,
-    updating the running statistics as ``nn.BatchNorm2d`` does. Also returns the channel pooling
-    stats of x when they come for free."""
-    if not (bn.training or bn.running_mean is None):
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        mean, invstd = bn.running_mean.to(dtype), torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
-        s = bn.weight.to(dtype) * invstd
-        return s, bn.bias.to(dtype) - mean * s, (mean, invstd), None
-    mean_nc, var_nc, max_nc, min_nc = k_x_stats(x)
-    mean = mean_nc.mean(0)
-    var = (var_nc + (mean_nc - mean) ** 2).mean(0)  # parallel variance: within + between images
-    invstd = torch.rsqrt(var + bn.eps)
-    s = bn.weight.to(mean.dtype) * invstd
-    t = bn.bias.to(mean.dtype) - mean * s
-    if bn.track_running_stats and bn.running_mean is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-        m = x.numel() // x.shape[1]
-        bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)
-        bn.running_var.lerp_((var * m / max(m - 1, 1)).to(bn.running_var.dtype), factor)
-    return s, t, (mean, invstd), (mean_nc, max_nc, min_nc)
-
-
-class _SmallGraph:
-    """A gate's small part (MLP, or k x k conv + BN) run on detached (N, C) / (N, 2, H, W) inputs.
-
-    With ``record`` the autograd graph is kept (it is small) for backward's ``grad``; otherwise
-    (inference) no graph is built."""
-
-    def __init__(self, fn, inputs: list[torch.Tensor], module: nn.Module, record: bool):
-        self.leaves = [t.detach().requires_grad_(record) for t in inputs]
-        self.params = list(module.parameters())  # the tensors this forward used
-        with torch.set_grad_enabled(record):
-            self.out = fn(self.leaves)
-
-    def grad(self, grad_out: torch.Tensor):
-        """Gradients w.r.t. the inputs and w.r.t. each of the module's parameters (None if frozen)."""
-        params = self.params
-        wanted = [p for p in params if p.requires_grad]
-        # retain_graph: the outer backward may run more than once (retain_graph=True, gradcheck); the
-        # small graph is freed with the Function's context.
-        grads = torch.autograd.grad(self.out, self.leaves + wanted, grad_out, retain_graph=True)
-        by_param = dict(zip(map(id, wanted), grads[len(self.leaves) :], strict=True))
-        return grads[: len(self.leaves)], [by_param.get(id(p)) for p in params]
+    def inputs(self, cfg: TailConfig, x: torch.Tensor):
+        """The BN's, the MLP's and the spatial gate's tensors, as ``_tail_forward`` takes them."""
+        bn, cg, sg = self.bn, self.channel_gate, self.spatial_gate
+        bn_args = mlp = conv = None
+        if cfg.bn == "batch":
+            bn_args = (bn.weight, bn.bias)
+        elif cfg.bn == "running":
+            dtype = torch.promote_types(x.dtype, torch.float32)
+            mean, invstd = bn.running_mean.to(dtype), torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
+            s = bn.weight.to(dtype) * invstd
+            bn_args = (s, bn.bias.to(dtype) - mean * s, mean, invstd)
+        if cg is not None:
+            first, _, last = cg.mlp
+            mlp = (first.weight, first.bias, last.weight, last.bias)
+        if sg is not None:
+            sbn = sg.bn
+            conv = (sg.conv.weight, sg.conv.bias, *((None,) * 4 if sbn is None else _bn_tensors(sbn)))
+        return bn_args, mlp, conv
 
 
-def _forward(plan: FusedPlan, x: torch.Tensor, shortcut: torch.Tensor | None, record: bool, bn_affine=None):
-    """Forward pass: y, and (with ``record``) what backward needs, all small but x and y.
-    ``bn_affine``: the BN's (s, t) when the caller computed them (evaluation mode)."""
-    s = t = bn_stats = x_stats = None
-    if bn_affine is not None:
-        s, t = bn_affine
-    elif plan.bn is not None:
-        s, t, bn_stats, x_stats = _bn_scale_shift(plan.bn, x)
-    cg, sg, order = plan.channel_gate, plan.spatial_gate, plan.order
-    a = b = pooled = desc = channel = spatial = None
-
-    def channel_gate(pooled):
-        inputs = list(_pick_pool(cg.pool, pooled))
-        graph = _SmallGraph(lambda p: cg.attention_from_pooled(p)[:, :, 0, 0], inputs, cg, record)
-        return graph, graph.out.detach()
-
-    if cg is not None and order != "spatial_first":
-        if x_stats is not None:  # pooling of F = x * s + t from x's statistics (exact: s * x + t is monotone)
-            mean_nc, max_nc, min_nc = x_stats
-            pooled = (mean_nc * s + t, torch.where(s >= 0, max_nc * s + t, min_nc * s + t))
-        else:
-            pooled = k_channel_pool(x, s, t, None)
-        channel, a = channel_gate(pooled)
-    if sg is not None:
-        desc = k_spatial_pool(x, s, t, a if order == "channel_first" else None)
-        spatial = _SmallGraph(lambda d: sg.attention_from_descriptor(_stack_maps(d))[:, 0], list(desc), sg, record)
-        b = spatial.out.detach()
-    if cg is not None and order == "spatial_first":
-        pooled = k_channel_pool(x, s, t, b)
-        channel, a = channel_gate(pooled)
-    y = k_output(x, s, t, a, b, shortcut)
-    return y, (s, t, bn_stats, a, b, pooled, desc, channel, spatial)
+def _bn_mode(bn: nn.BatchNorm2d | None) -> str | None:
+    """Which statistics a BatchNorm normalises with, as ``nn.BatchNorm2d.forward`` decides."""
+    if bn is None:
+        return None
+    return "batch" if bn.training or bn.running_mean is None else "running"
 
 
-# Inductor's CPU heuristics write a pointwise result read by several consumers to memory when it reads
-# more than 4 inputs (F = x * s + t times the gates is one); storing it would add a full-size write and
-# re-read to the graph.
-@partial(_Kernel, options={"realize_reads_threshold": 32})
-def k_inference(plan: FusedPlan, x, shortcut, s, t, overwrite_x: bool):
-    """The whole tail without gradients (evaluation) as one compiled graph: the three passes over x,
-    the MLP and the spatial conv in one call. Each call and eager op costs most on a cold cache
-    (after a block's convolutions); one graph per block measured about 6 ms less per ResNet-50
-    forward (batch 16, 2-core CPU, about 750 ms) than separate kernels and small ops.
-
-    The BN's scale and shift (s, t) come in computed: from its buffers inside the graph, inductor
-    inlined rsqrt(running_var + eps) into every full-size loop (about 1 ms more per stage-1 block).
-
-    ``overwrite_x``: the result goes into x's memory (a block's conv output that nothing else reads):
-    no new full-size tensor, which glibc page-faults in afresh each time above 32 MiB."""
-    y = _forward(plan, x, shortcut, record=False, bn_affine=None if s is None else (s, t))[0]
-    return x.copy_(y) if overwrite_x else y
+def _bn_tensors(bn: nn.BatchNorm2d):
+    return bn.weight, bn.bias, bn.running_mean, bn.running_var
 
 
-def _inference_graph_ok(plan: FusedPlan) -> bool:
-    """Whether ``k_inference`` may run the tail: every BatchNorm in evaluation mode (no running
-    statistics to update) and no hooks on the gates (they must see their own module calls)."""
-    modules = [m for gate in (plan.channel_gate, plan.spatial_gate) if gate is not None for m in gate.modules()]
-    if plan.bn is not None:
-        modules.append(plan.bn)
-    hooked = nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
-    return not hooked and not any(m.training or m._forward_hooks or m._forward_pre_hooks for m in modules)
+def _update_running_stats(bn: nn.BatchNorm2d | None, batch, count: int) -> None:
+    """Running statistics from a batch's (mean, biased variance) over ``count`` values, as
+    ``nn.BatchNorm2d`` updates them (unbiased variance, momentum or cumulative average)."""
+    if batch is None or not bn.track_running_stats or bn.running_mean is None:
+        return
+    mean, var = batch
+    bn.num_batches_tracked.add_(1)
+    factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    bn.running_mean.lerp_(mean.detach().to(bn.running_mean.dtype).reshape(bn.running_mean.shape), factor)
+    unbiased = var.detach() * (count / max(count - 1, 1))
+    bn.running_var.lerp_(unbiased.to(bn.running_var.dtype).reshape(bn.running_var.shape), factor)
 
 
-def _stack_maps(maps: list[torch.Tensor]) -> torch.Tensor:
-    """(N, H, W) maps as an (N, k, H, W) tensor in channels_last layout: the k x k conv runs 20-60%
-    faster on it than on a contiguous one (oneDNN, CPU)."""
-    return torch.stack(maps, dim=-1).permute(0, 3, 1, 2)
-
-
-def _pick_pool(pool: str, pooled):
-    avg, mx = pooled
-    return {"avg": (avg,), "max": (mx,), "avgmax": (avg, mx)}[pool]
+def _run_forward(plan: FusedPlan, x, shortcut, record: bool, overwrite_x: bool = False):
+    cfg = plan.config(record, overwrite_x)
+    y, (bn_batch, spatial_batch), saved = tail_forward(cfg, x, shortcut, *plan.inputs(cfg, x))
+    n, c, h, w = x.shape
+    _update_running_stats(plan.bn, bn_batch, n * h * w)
+    _update_running_stats(plan.spatial_gate.bn if plan.spatial_gate is not None else None, spatial_batch, n * h * w)
+    return cfg, y, saved
 
 
 class FusedGatedTail(torch.autograd.Function):
@@ -494,11 +606,9 @@ class FusedGatedTail(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan: FusedPlan, x, shortcut, *params):
-        y, small = _forward(plan, x, shortcut, record=True)
-        ctx.plan = plan
-        ctx.small = small
+        cfg, y, saved = _run_forward(plan, x, shortcut, record=True)
+        ctx.plan, ctx.cfg, ctx.small = plan, cfg, saved
         ctx.shortcut_dtype = shortcut.dtype if shortcut is not None else None
-        ctx.bn_batch_stats = plan.bn is not None and (plan.bn.training or plan.bn.running_mean is None)
         ctx.save_for_backward(x, y if shortcut is not None else None)
         return y
 
@@ -507,79 +617,39 @@ class FusedGatedTail(torch.autograd.Function):
     def backward(ctx, dy):
         plan: FusedPlan = ctx.plan
         x, y = ctx.saved_tensors  # y gives the ReLU's mask (None without a shortcut: no ReLU)
-        s, t, bn_stats, a, b, pooled, desc, channel, spatial = ctx.small
-        cg, sg, order = plan.channel_gate, plan.spatial_gate, plan.order
-        cmax = pooled[1] if pooled is not None and cg.pool != "avg" else None
-        u_terms = v_terms = None
-        cg_grads = sg_grads = []
+        # The ReLU's backward, as autograd runs it: one vectorised pass (torch.where with a scalar measured
+        # 8x slower); the three passes of tail_backward read g instead of dy and y.
+        g = dy if y is None else torch.ops.aten.threshold_backward(dy, y, 0)
+        cg, sg = plan.channel_gate, plan.spatial_gate
+        mlp_weights = (cg.mlp[0].weight, cg.mlp[2].weight) if cg is not None else None
+        conv_weights = None
+        if sg is not None:
+            conv_weights = (sg.conv.weight, sg.conv.bias is not None, sg.bn.weight if sg.bn is not None else None)
+        d_x, bn_grads, mlp_grads, spatial_grads = tail_backward(ctx.cfg, g, x, ctx.small, mlp_weights, conv_weights)
+        d_sc = None if ctx.shortcut_dtype is None else g.to(ctx.shortcut_dtype)
+        params = ([] if plan.bn is None else [plan.bn.weight, plan.bn.bias]) + plan.gate_params
+        grads = [d.to(p.dtype) for d, p in zip([*bn_grads, *mlp_grads, *spatial_grads], params, strict=True)]
+        return (None, d_x, d_sc, *grads)
 
-        def channel_backward(d_a, ties):
-            """(terms for _d_channel_input, (d_avg, d_max), parameter gradients) from dL/da."""
-            d_pooled, grads = channel.grad(d_a)
-            d_avg = d_pooled[0] if cg.pool != "max" else None
-            d_max = d_pooled[-1] if cg.pool != "avg" else None
-            du_avg = None if d_avg is None else d_avg / (x.shape[2] * x.shape[3])
-            return (du_avg, None if d_max is None else d_max / ties, cmax), (d_avg, d_max), grads
 
-        def spatial_backward(d_b, ties):
-            """(terms for _d_spatial_input, parameter gradients) from dL/db."""
-            (d_smax, d_smean), grads = spatial.grad(d_b)
-            return (d_smean / x.shape[1], d_smax / ties, desc[0]), grads
-
-        bn_grads = None
-        if order == "spatial_first":  # the channel gate's input F * b depends on b: channel gate first
-            u_terms, _, cg_grads = channel_backward(*k_reduce_hw(dy, y, x, s, t, a, b, True, None, cmax))
-            v_terms, sg_grads = spatial_backward(*k_reduce_c(dy, y, x, s, t, a, b, False, u_terms, desc[0]))
-        else:
-            v_has_a = order == "channel_first"
-            if sg is not None:
-                v_terms, sg_grads = spatial_backward(*k_reduce_c(dy, y, x, s, t, a, None, v_has_a, None, desc[0]))
-            if cg is not None and bn_stats is not None:
-                mean, invstd = bn_stats
-                sums = k_channel_sums(dy, y, x, s, t, mean, a, b, v_terms, v_has_a, cmax)
-                hw = x.shape[2] * x.shape[3]
-                d_a, ties, bn_grads_of = _channel_and_bn_grads(sums, s, t + mean * s, invstd, a, hw, v_has_a)
-                u_terms, (d_avg, d_max), cg_grads = channel_backward(d_a, ties)
-                d_gamma, d_beta = bn_grads_of(d_avg, d_max)
-                m = x.numel() // x.shape[1]
-                bn_grads = (d_gamma, d_beta, d_beta / m, d_gamma / m)
-            elif cg is not None:
-                vt = v_terms if v_has_a else None
-                u_terms, _, cg_grads = channel_backward(*k_reduce_hw(dy, y, x, s, t, a, b, False, vt, cmax))
-        d_x, d_sc, d_gamma, d_beta = k_input_grads(
-            dy,
-            y,
-            x,
-            s,
-            t,
-            a,
-            b,
-            order,
-            u_terms,
-            v_terms,
-            bn_stats,
-            ctx.bn_batch_stats,
-            x.dtype,
-            ctx.shortcut_dtype,
-            bn_grads,
-        )
-        bn = plan.bn
-        bn_param_grads = [] if bn is None else [d_gamma.to(bn.weight.dtype), d_beta.to(bn.bias.dtype)]
-        return (None, d_x, d_sc, *bn_param_grads, *cg_grads, *sg_grads)
+def hooks_present(module: nn.Module) -> bool:
+    """Whether forward hooks would watch the module's submodules (the gates' outputs, say): the
+    fused graphs do not call those modules, so the reference runs for them."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
 def fused_gated_tail(
     plan: FusedPlan, x: torch.Tensor, shortcut: torch.Tensor | None = None, overwrite_x: bool = False
 ) -> torch.Tensor:
     """relu(BN(x) * Mc * Ms + shortcut) (BN and the shortcut optional), with fused kernels.
-    ``overwrite_x``: x is a temporary that evaluation without gradients may overwrite with the result."""
-    # Kernels accumulate in float32 whatever the autocast state; the small gate graphs run in float32 too.
+    ``overwrite_x``: x is a temporary that evaluation without gradients may overwrite with the result
+    (no new full-size tensor, which glibc page-faults in afresh each time above 32 MiB)."""
+    # Kernels accumulate in float32 whatever the autocast state; the small parts run in float32 too.
     with torch.autocast(x.device.type, enabled=False):
         if torch.is_grad_enabled():
             params = ([] if plan.bn is None else [plan.bn.weight, plan.bn.bias]) + plan.gate_params
             if any(t is not None and t.requires_grad for t in (x, shortcut, *params)):
                 return FusedGatedTail.apply(plan, x, shortcut, *params)
-        if _inference_graph_ok(plan):
-            s, t = _bn_scale_shift(plan.bn, x)[:2] if plan.bn is not None else (None, None)
-            return k_inference(plan, x, shortcut, s, t, overwrite_x and not x.requires_grad)
-        return _forward(plan, x, shortcut, record=False)[0]
+        return _run_forward(plan, x, shortcut, record=False, overwrite_x=overwrite_x and not x.requires_grad)[1]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as nnf
 
-from .fused import FusedPlan, fused_gated_tail, kernel_mode
+from .fused import FusedPlan, fused_gated_tail, hooks_present, kernel_mode
 from .spec import AttentionSpec, fused_supported, resolve_spec
 
 
@@ -26,7 +26,8 @@ class AttentionModule(nn.Module):
     ``impl`` picks the implementation: "reference" (plain autograd, the methods below),
     "fused" (``cbam.fused``: one autograd Function with generated kernels) or "auto" (fused where its
     kernels can be compiled for the input's device and the variant is supported, else reference).
-    Under ``torch.compile`` of a whole model the reference runs and inductor fuses it itself.
+    Under ``torch.compile`` of a whole model the reference runs and inductor fuses it itself; so it
+    does where forward hooks watch the module or its gates (the fused graphs do not call them).
     """
 
     impl = "reference"
@@ -40,6 +41,8 @@ class AttentionModule(nn.Module):
 
     def use_fused(self, x: torch.Tensor) -> bool:
         if self.impl == "reference" or torch.compiler.is_compiling() or torch.jit.is_scripting():
+            return False
+        if hooks_present(self):
             return False
         return self.impl == "fused" or kernel_mode(x.device.type) is not None
 
@@ -62,7 +65,8 @@ class AttentionModule(nn.Module):
 
 
 def _fusable_bn(bn: nn.Module) -> bool:
-    return type(bn) is nn.BatchNorm2d and bn.affine
+    """A plain affine BatchNorm2d that no hook watches (the fused graphs do not call it)."""
+    return type(bn) is nn.BatchNorm2d and bn.affine and not (bn._forward_hooks or bn._forward_pre_hooks)
 
 
 def channel_pool(x: torch.Tensor, pool: str) -> list[torch.Tensor]:

@@ -137,7 +137,7 @@ def test_standalone_module_matches_reference(name):
 
 
 def _check_inference(name: str, memory_format) -> None:
-    """Evaluation without gradients (the one-graph path, ``k_inference``) against the reference."""
+    """Evaluation without gradients (the forward graph keeping nothing) against the reference."""
     ref, fus = _pair(name)
     bn = _bn(16).eval()
     ref.eval(), fus.eval()
@@ -163,23 +163,37 @@ def test_inference_without_grad_matches_and_builds_no_graph(name, memory_format)
     _check_inference(name, memory_format)
 
 
-def test_inference_graph_only_without_hooks_and_in_eval_mode():
-    """The one-graph inference path would trace the gates' modules: hooks and BN updates need the
-    module calls themselves, so either sends the tail to the separate kernels."""
+def test_hooks_send_the_tail_to_the_reference():
+    """The fused graphs call neither the gates' modules nor the BN: where a forward hook watches one of
+    them (TensorBoard's attention images, a profiler's global hooks), the reference runs instead."""
     _, fus = _pair("cbam")
-    bn = _bn(16).eval()
-    fus.eval()
-    assert fused_mod._inference_graph_ok(fus.fused_plan(bn))
-    assert not fused_mod._inference_graph_ok(fus.fused_plan(bn.train()))
-    fus.spatial_gate.bn.train()
-    assert not fused_mod._inference_graph_ok(fus.fused_plan(bn.eval()))
-    fus.eval()
+    bn, x, sc = _bn(16), torch.randn(3, 16, 6, 5), torch.randn(3, 16, 6, 5)
+    assert fus.use_fused(x)
     handle = fus.channel_gate.gate.register_forward_hook(lambda *args: None)
-    assert not fused_mod._inference_graph_ok(fus.fused_plan(bn))
+    assert not fus.use_fused(x)
     handle.remove()
     with nn.modules.module.register_module_forward_hook(lambda *args: None):
-        assert not fused_mod._inference_graph_ok(fus.fused_plan(bn))
-    assert fused_mod._inference_graph_ok(fus.fused_plan(bn))
+        assert not fus.use_fused(x)
+    assert fus.use_fused(x)
+    seen = []
+    with bn.register_forward_hook(lambda *args: seen.append(1)):
+        fus.forward_tail(x, bn, sc)
+    assert seen == [1]
+
+
+def test_batch_statistics_without_gradients_update_running_ones():
+    """BatchNorms in training mode under no_grad (a forward to calibrate statistics, say): same output
+    and running statistics as the reference, from one graph that keeps nothing for backward."""
+    ref, fus = _pair("cbam")
+    bn_r = _bn(16).train()
+    bn_f = copy.deepcopy(bn_r)
+    x, sc = _tied_input(), torch.randn(3, 16, 6, 5)
+    with torch.no_grad():
+        y_f, y_r = fus.forward_tail(x, bn_f, sc), torch.relu(ref(bn_r(x)) + sc)
+    _assert_close(y_f, y_r, "output")
+    expected, actual = [*bn_r.named_buffers(), *ref.named_buffers()], [*bn_f.buffers(), *fus.buffers()]
+    for (name, a), b in zip(expected, actual, strict=True):
+        _assert_close(b.float(), a.float(), f"buffer {name}")
 
 
 def test_hw_tiles_reduce_like_one_step():
@@ -320,8 +334,8 @@ def test_fused_saves_what_the_block_without_attention_saves():
 
 
 def test_gate_hooks_fire_once_with_the_reference_values():
-    """TensorBoard's attention images hook the ``.gate`` modules: the fused path calls them once per
-    forward (not again in backward's recomputation) with the same Mc and Ms as the reference."""
+    """TensorBoard's attention images hook the ``.gate`` modules: with a hook there the module runs the
+    reference (``test_hooks_send_the_tail_to_the_reference``), which calls each once per forward."""
     ref, fus = _pair("cbam")
     seen = {"ref": [], "fus": []}
     for key, m in (("ref", ref), ("fus", fus)):
@@ -390,6 +404,5 @@ def test_compiled_kernels_match_reference(name, monkeypatch):
     for training in (True, False):
         _check_tail(name, training, torch.channels_last)
     _check_inference(name, torch.channels_last)
-    kernels = [k for k in vars(fused_mod).values() if isinstance(k, fused_mod._Kernel)]
-    assert fused_mod.k_inference.compiled is not None and fused_mod.k_output.compiled is not None
-    assert not any(k.failed for k in kernels)
+    graphs = (fused_mod.tail_forward, fused_mod.tail_backward)
+    assert all(graph.compiled is not None and not graph.failed for graph in graphs)
