@@ -423,9 +423,8 @@ def _tail_forward(cfg: TailConfig, x, shortcut, bn_args, mlp, conv):
     """y = relu(BN(x) * a * b + shortcut) (BN, gates and shortcut optional) and, with ``cfg.record``,
     the small tensors backward needs; also the BatchNorms' batch statistics for their running ones.
 
-    bn_args: (gamma, beta) for batch statistics, (s, t, mean, invstd) for running ones (computed
-    outside: inside the graph, inductor inlined rsqrt(running_var + eps) into every full-size loop).
-    mlp: (W0, b0, W1, b1); conv: (weight, bias, gamma, beta, running_mean, running_var)."""
+    bn_args: (gamma, beta, running_mean, running_var); mlp: (W0, b0, W1, b1); conv: (weight, bias,
+    gamma, beta, running_mean, running_var)."""
     s = t = mean = invstd = x_stats = bn_batch = None
     if cfg.bn == "batch":
         mean_nc, var_nc, max_nc, min_nc = k_x_stats(x)
@@ -436,7 +435,11 @@ def _tail_forward(cfg: TailConfig, x, shortcut, bn_args, mlp, conv):
         t = bn_args[1] - mean * s
         bn_batch, x_stats = (mean, var), (mean_nc, max_nc, min_nc)
     elif cfg.bn == "running":
-        s, t, mean, invstd = bn_args
+        gamma, beta, running_mean, running_var = bn_args
+        mean = running_mean.to(_acc(x).dtype)
+        invstd = torch.rsqrt(running_var.to(mean.dtype) + cfg.bn_eps)
+        s = gamma * invstd
+        s, t = _stored(s, beta - mean * s)  # else inductor recomputes the rsqrt for every element
     order = cfg.order
     a = b = pooled = h = hidden = desc = z_hat = z_invstd = spatial_batch = None
 
@@ -576,13 +579,8 @@ class FusedPlan:
         """The BN's, the MLP's and the spatial gate's tensors, as ``_tail_forward`` takes them."""
         bn, cg, sg = self.bn, self.channel_gate, self.spatial_gate
         bn_args = mlp = conv = None
-        if cfg.bn == "batch":
-            bn_args = (bn.weight, bn.bias)
-        elif cfg.bn == "running":
-            dtype = torch.promote_types(x.dtype, torch.float32)
-            mean, invstd = bn.running_mean.to(dtype), torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
-            s = bn.weight.to(dtype) * invstd
-            bn_args = (s, bn.bias.to(dtype) - mean * s, mean, invstd)
+        if bn is not None:
+            bn_args = _bn_tensors(bn)
         if cg is not None:
             first, _, last = cg.mlp
             mlp = (first.weight, first.bias, last.weight, last.bias)
