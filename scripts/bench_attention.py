@@ -8,8 +8,10 @@
 For no attention, SE, CBAM (each implementation of this project) and timm's CBAM in the same
 backbone, measures the training-step time (forward, backward, SGD step), the inference time and the
 bytes of activations saved for backward (``torch.autograd.graph.saved_tensors_hooks``, each storage
-counted once). Variants are interleaved, in an order rotated by one at each repetition, and each
-figure is the median of ``--reps`` repetitions; everything is printed as a ratio to no attention.
+counted once). Variants are interleaved, in an order rotated by one at each repetition. Times are the
+median of ``--reps`` repetitions; a ratio to no attention is the median of the per-repetition ratios
+(each variant against no attention measured in the same repetition, seconds apart, so that drift of
+the machine's speed over minutes cancels), printed with the quartiles of those ratios.
 
 On the CPU, glibc's malloc hands blocks over 32 MiB back to the system when they are freed, and the
 next such allocation page-faults its memory in afresh; whether a tensor pays for that depends on what
@@ -153,17 +155,22 @@ def main(argv=None) -> int:
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         memory = {name: saved_bytes(models[name].train(), x, y) for name in models}
 
-    base_train = statistics.median(times["none"]["train"])
-    base_infer = statistics.median(times["none"]["infer"])
+    def ratio(name: str, kind: str) -> str:
+        """Median and quartiles of the per-repetition ratios to no attention."""
+        ratios = sorted(t / b for t, b in zip(times[name][kind], times["none"][kind], strict=True))
+        q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+        return f"{statistics.median(ratios):.3f}x | {q1:.3f}-{q3:.3f}"
+
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"{args.arch}, {args.image_size}x{args.image_size}, batch {args.batch}, {dev}, amp={args.amp}, "
           f"channels_last={args.channels_last}, keep_freed_memory={args.keep_freed_memory}, median of {args.reps}, "
           f"torch {torch.__version__}\n")  # fmt: skip
-    print("| variant | train step (s) | train ratio | inference (s) | inference ratio | saved MiB | saved ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print("| variant | train step (s) | train ratio | quartiles | inference (s) | inference ratio | quartiles "
+          "| saved MiB | saved ratio |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in models:
         tr, inf = statistics.median(times[name]["train"]), statistics.median(times[name]["infer"])
-        print(f"| {name} | {tr:.4f} | {tr / base_train:.3f}x | {inf:.4f} | {inf / base_infer:.3f}x | "
+        print(f"| {name} | {tr:.4f} | {ratio(name, 'train')} | {inf:.4f} | {ratio(name, 'infer')} | "
               f"{memory[name] / 2**20:.1f} | {memory[name] / memory['none']:.3f}x |")  # fmt: skip
     return 0
 

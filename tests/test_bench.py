@@ -19,8 +19,9 @@ def test_bench_attention_prints_every_variant_as_ratios():
     assert "keep_freed_memory=True" in proc.stdout
     table = _table(proc.stdout)
     assert set(table) == {"none", "se", "cbam (fused)", "cbam (reference)", "timm cbam"}
-    assert table["none"][1] == table["none"][3] == table["none"][5] == "1.000x"
-    saved = {name: float(re.fullmatch(r"([\d.]+)x", cells[5])[1]) for name, cells in table.items()}
+    assert table["none"][1] == table["none"][4] == table["none"][7] == "1.000x"  # train, inference, saved
+    assert table["none"][2] == table["none"][5] == "1.000-1.000"  # quartiles of the per-repetition ratios
+    saved = {name: float(re.fullmatch(r"([\d.]+)x", cells[7])[1]) for name, cells in table.items()}
     # The fused tail saves what the block without attention saves, plus (N, C) and (N, H*W) tensors; the
     # reference keeps its full-size intermediates (F', max masks, ...) as timm's module does.
     assert saved["cbam (fused)"] < 1.05
