@@ -19,8 +19,16 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from .spec import CHOICES, AttentionSpec
 
 
+class _Choice(enum.Enum):
+    """A config choice; its string is its value, so that interpolations such as the run's
+    ``name: ${model.arch}_...`` read ``resnet50``, not ``Arch.resnet50``."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
 def _enum(name: str, values) -> type[enum.Enum]:
-    return enum.Enum(name, {v: v for v in values})
+    return _Choice(name, {v: v for v in values})
 
 
 def _attention_schema() -> type:
