@@ -4,6 +4,7 @@
     python scripts/bench_attention.py                                 # ResNet-50, 224x224, batch 16, CPU
     python scripts/bench_attention.py --device cuda --amp bf16 --channels-last --batch 64
     python scripts/bench_attention.py --channels-last --keep-freed-memory   # CPU without page faults
+    python scripts/bench_attention.py --measure infer --only "cbam (fused)" --reps 101   # one ratio, tight
 
 For no attention, SE, CBAM (each implementation of this project) and timm's CBAM in the same
 backbone, measures the training-step time (forward, backward, SGD step), the inference time and the
@@ -11,7 +12,9 @@ bytes of activations saved for backward (``torch.autograd.graph.saved_tensors_ho
 counted once). Variants are interleaved, in an order rotated by one at each repetition. Times are the
 median of ``--reps`` repetitions; a ratio to no attention is the median of the per-repetition ratios
 (each variant against no attention measured in the same repetition, seconds apart, so that drift of
-the machine's speed over minutes cancels), printed with the quartiles of those ratios.
+the machine's speed over minutes cancels), printed with the quartiles of those ratios (how noisy the
+machine is) and a 95% confidence interval for their median (how sure the median is: it narrows as
+``--reps`` grows, where the quartiles do not). ``--measure`` times the training step or inference alone.
 
 On the CPU, glibc's malloc hands blocks over 32 MiB back to the system when they are freed, and the
 next such allocation page-faults its memory in afresh; whether a tensor pays for that depends on what
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import math
 import statistics
 import sys
 import time
@@ -83,6 +87,22 @@ def saved_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     return sum(n for (ptr, _), n in storages.items() if ptr not in params)
 
 
+def median_ci(sorted_values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Distribution-free confidence interval for the median: the order statistics x_(k) and x_(n+1-k)
+    with the largest k whose coverage 1 - 2 P(Binomial(n, 1/2) < k) is at least ``level``.
+    Written here because the standard library has no such interval and SciPy is not a dependency;
+    below 6 values no k reaches 95%, and the interval is the whole range (its coverage 1 - 2^(1-n))."""
+    n = len(sorted_values)
+
+    def coverage(k: int) -> float:  # 1 - 2 P(B <= k - 1)
+        return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2**n
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= level:
+        k += 1
+    return sorted_values[k - 1], sorted_values[n - k]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="resnet50")
@@ -95,6 +115,9 @@ def main(argv=None) -> int:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--only", nargs="*", help="subset of variants")
     parser.add_argument("--keep-freed-memory", action="store_true", help="CPU: no page faults for large tensors")
+    parser.add_argument(
+        "--measure", choices=["both", "train", "infer"], default="both", help="time training steps, inference or both"
+    )
     args = parser.parse_args(argv)
     if args.keep_freed_memory:
         keep_freed_memory()
@@ -143,35 +166,44 @@ def main(argv=None) -> int:
         k = rep % len(names)
         return names[k:] + names[:k]
 
+    kinds = {"train": train_step, "infer": infer}
+    if args.measure != "both":
+        kinds = {args.measure: kinds[args.measure]}
     for rep in range(args.warmup):
         for name in rotated(rep):
-            train_step(name)
-            infer(name)
-    times = {name: {"train": [], "infer": []} for name in models}
+            for fn in kinds.values():
+                fn(name)
+    times = {name: {kind: [] for kind in kinds} for name in models}
     for rep in range(args.reps):  # interleaved: drift in machine speed hits every variant alike
         for name in rotated(rep):
-            times[name]["train"].append(timed(train_step, name))
-            times[name]["infer"].append(timed(infer, name))
+            for kind, fn in kinds.items():
+                times[name][kind].append(timed(fn, name))
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         memory = {name: saved_bytes(models[name].train(), x, y) for name in models}
 
+    def seconds(name: str, kind: str) -> str:
+        return f"{statistics.median(times[name][kind]):.4f}" if kind in kinds else "-"
+
     def ratio(name: str, kind: str) -> str:
-        """Median and quartiles of the per-repetition ratios to no attention."""
+        """Median, quartiles and the median's 95% confidence interval of the per-repetition ratios to no attention."""
+        if kind not in kinds:
+            return "- | - | -"
         ratios = sorted(t / b for t, b in zip(times[name][kind], times["none"][kind], strict=True))
         q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
-        return f"{statistics.median(ratios):.3f}x | {q1:.3f}-{q3:.3f}"
+        lo, hi = median_ci(ratios)
+        return f"{statistics.median(ratios):.3f}x | {q1:.3f}-{q3:.3f} | {lo:.3f}-{hi:.3f}"
 
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"{args.arch}, {args.image_size}x{args.image_size}, batch {args.batch}, {dev}, amp={args.amp}, "
           f"channels_last={args.channels_last}, keep_freed_memory={args.keep_freed_memory}, median of {args.reps}, "
           f"torch {torch.__version__}\n")  # fmt: skip
-    print("| variant | train step (s) | train ratio | quartiles | inference (s) | inference ratio | quartiles "
-          "| saved MiB | saved ratio |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| variant | train step (s) | train ratio | quartiles | 95% CI | inference (s) | inference ratio "
+          "| quartiles | 95% CI | saved MiB | saved ratio |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in models:
-        tr, inf = statistics.median(times[name]["train"]), statistics.median(times[name]["infer"])
-        print(f"| {name} | {tr:.4f} | {ratio(name, 'train')} | {inf:.4f} | {ratio(name, 'infer')} | "
-              f"{memory[name] / 2**20:.1f} | {memory[name] / memory['none']:.3f}x |")  # fmt: skip
+        saved = f"{memory[name] / 2**20:.1f} | {memory[name] / memory['none']:.3f}x"
+        print(f"| {name} | {seconds(name, 'train')} | {ratio(name, 'train')} | {seconds(name, 'infer')} | "
+              f"{ratio(name, 'infer')} | {saved} |")  # fmt: skip
     return 0
 
 
