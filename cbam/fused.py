@@ -18,7 +18,8 @@ mask) fuses into each full-size reduction and nothing full-size is materialised 
 compiled call per direction and block measured far cheaper than separate kernels with the small
 parts run as autograd graphs between them (ResNet-50 training step, 2-core CPU: Python, guards and
 small-graph work cost about 50 ms of a 1.2 s step that way). Without gradients the same forward
-runs without keeping anything.
+runs without keeping anything; on the CPU, evaluation of float32 channels_last maps goes to a
+hand-written kernel instead (``cbam.cpu_tail``: two passes over x where the graph needs three).
 
 Max pooling's gradient is split evenly between tied maxima, as ``torch.amax`` does; ties are found
 by recomputing the pooled input with the same operations as forward (inductor compiles with
@@ -43,6 +44,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as nnf
 from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from . import cpu_tail
 
 log = logging.getLogger(__name__)
 
@@ -614,8 +617,31 @@ def _update_running_stats(bn: nn.BatchNorm2d | None, batch, count: int) -> None:
     bn.running_var.lerp_(unbiased.to(bn.running_var.dtype).reshape(bn.running_var.shape), factor)
 
 
+def _cpu_eval_tail(plan: FusedPlan, cfg: TailConfig, x, shortcut):
+    """``_tail_forward`` without recording, by ``cpu_tail``'s kernel (same equations, two passes)."""
+    bn_args, mlp, conv = plan.inputs(cfg, x)
+    a = None
+    if bn_args is not None:
+        gamma, beta, running_mean, running_var = (p.detach().float() for p in bn_args)
+        s = gamma * torch.rsqrt(running_var + cfg.bn_eps)
+        t = beta - running_mean * s
+    else:
+        s, t = torch.ones(x.shape[1]), torch.zeros(x.shape[1])
+    if cfg.pool is not None:
+        mlp = tuple(p.detach().float() for p in mlp)
+        a = _mlp_forward(_pick_pool(cfg.pool, cpu_tail.channel_pool(x, s, t)), *mlp)[0]
+    out = x if cfg.overwrite_x else torch.empty_like(x)
+    return cpu_tail.spatial_output(cfg, x, shortcut, s, t, a, conv, out)
+
+
 def _run_forward(plan: FusedPlan, x, shortcut, record: bool, overwrite_x: bool = False):
     cfg = plan.config(record, overwrite_x)
+    if (
+        kernel_mode(x.device.type) == "compiled"
+        and _get_current_dispatch_mode() is None
+        and cpu_tail.applicable(cfg, x, shortcut)
+    ):
+        return cfg, _cpu_eval_tail(plan, cfg, x, shortcut), None
     y, (bn_batch, spatial_batch), saved = tail_forward(cfg, x, shortcut, *plan.inputs(cfg, x))
     n, c, h, w = x.shape
     _update_running_stats(plan.bn, bn_batch, n * h * w)
