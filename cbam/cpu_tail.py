@@ -56,7 +56,8 @@ def _cpu_signature() -> str:
         return platform.processor()
 
 
-def _compiler() -> str | None:
+def cpp_compiler() -> str | None:
+    """The C++ compiler inductor uses on CPU (its config), as a path, or None when there is none."""
     from torch._inductor import config
 
     cxx = config.cpp.cxx[-1] if isinstance(config.cpp.cxx, tuple) else config.cpp.cxx
@@ -67,7 +68,7 @@ def _compiler() -> str | None:
 def library() -> ctypes.CDLL | None:
     """The compiled kernel (built on first use, cached on disk by source, flags and CPU), or None
     when it cannot be built here; the reason is logged once."""
-    cxx = _compiler()
+    cxx = cpp_compiler()
     if cxx is None:
         log.info("fused CBAM: no C++ compiler, evaluation uses the compiled graph")
         return None

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from functools import cache
 
@@ -76,10 +75,7 @@ def kernel_mode(device_type: str) -> str | None:
 def _toolchain_available(device_type: str) -> bool:
     """Whether inductor can build kernels here: a C++ compiler on CPU, Triton on CUDA."""
     if device_type == "cpu":
-        from torch._inductor import config
-
-        cxx = config.cpp.cxx[-1] if isinstance(config.cpp.cxx, tuple) else config.cpp.cxx
-        return shutil.which(cxx or "g++") is not None
+        return cpu_tail.cpp_compiler() is not None
     if device_type == "cuda":
         from torch.utils._triton import has_triton
 

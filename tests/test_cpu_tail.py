@@ -156,7 +156,7 @@ def test_which_calls_the_kernel_takes():
 
 def test_build_failure_falls_back_and_says_why(monkeypatch, tmp_path, caplog):
     """A compiler that fails: a warning once, no kernel, no file left behind; the graph path still answers."""
-    monkeypatch.setattr(cpu_tail, "_compiler", lambda: "/bin/false")
+    monkeypatch.setattr(cpu_tail, "cpp_compiler", lambda: "/bin/false")
     monkeypatch.setenv("CBAM_KERNEL_CACHE", str(tmp_path / "cache"))
     cpu_tail.library.cache_clear()
     try:
