@@ -418,6 +418,17 @@ def _spatial_backward(cfg: TailConfig, d_b, b, desc, z_hat, invstd, weight, gamm
 # ---- forward and backward graphs -------------------------------------------------------------------------------
 
 
+def _running_bn_affine(bn_args, eps: float, dtype: torch.dtype):
+    """BN(x) = x * s + t from running statistics: (mean, invstd, s, t), computed in ``dtype``.
+
+    bn_args: (gamma, beta, running_mean, running_var)."""
+    gamma, beta, running_mean, running_var = bn_args
+    mean = running_mean.to(dtype)
+    invstd = torch.rsqrt(running_var.to(dtype) + eps)
+    s = gamma * invstd
+    return mean, invstd, s, beta - mean * s
+
+
 def _tail_forward(cfg: TailConfig, x, shortcut, bn_args, mlp, conv):
     """y = relu(BN(x) * a * b + shortcut) (BN, gates and shortcut optional) and, with ``cfg.record``,
     the small tensors backward needs; also the BatchNorms' batch statistics for their running ones.
@@ -434,11 +445,8 @@ def _tail_forward(cfg: TailConfig, x, shortcut, bn_args, mlp, conv):
         t = bn_args[1] - mean * s
         bn_batch, x_stats = (mean, var), (mean_nc, max_nc, min_nc)
     elif cfg.bn == "running":
-        gamma, beta, running_mean, running_var = bn_args
-        mean = running_mean.to(_acc(x).dtype)
-        invstd = torch.rsqrt(running_var.to(mean.dtype) + cfg.bn_eps)
-        s = gamma * invstd
-        s, t = _stored(s, beta - mean * s)  # else inductor recomputes the rsqrt for every element
+        mean, invstd, s, t = _running_bn_affine(bn_args, cfg.bn_eps, _acc(x).dtype)
+        s, t = _stored(s, t)  # else inductor recomputes the rsqrt for every element
     order = cfg.order
     a = b = pooled = h = hidden = desc = z_hat = z_invstd = spatial_batch = None
 
@@ -618,9 +626,7 @@ def _cpu_eval_tail(plan: FusedPlan, cfg: TailConfig, x, shortcut):
     bn_args, mlp, conv = plan.inputs(cfg, x)
     a = None
     if bn_args is not None:
-        gamma, beta, running_mean, running_var = (p.detach().float() for p in bn_args)
-        s = gamma * torch.rsqrt(running_var + cfg.bn_eps)
-        t = beta - running_mean * s
+        _, _, s, t = _running_bn_affine([p.detach().float() for p in bn_args], cfg.bn_eps, torch.float32)
     else:
         s, t = torch.ones(x.shape[1]), torch.zeros(x.shape[1])
     if cfg.pool is not None:
