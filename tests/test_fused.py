@@ -4,6 +4,7 @@ the compiled kernels. Tests run the fused kernels op by op (conftest) unless the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 
@@ -17,6 +18,8 @@ from cbam.fused import fused_gated_tail
 from cbam.profile import count_gmacs
 from models import create_model
 from models.resnet import BasicBlock, Bottleneck
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 FUSED_VARIANTS = ["se", "channel_max", "channel", "spatial", "cbam", "cbam_spatial_first", "cbam_parallel"]
 
@@ -88,17 +91,19 @@ def _compare(ref_out, fus_out, names):
         _assert_close(a, b, f"{name} gradient")
 
 
-def _check_tail(name: str, training: bool, memory_format=torch.contiguous_format, offset: float = 0.0) -> None:
+def _check_tail(
+    name: str, training: bool, memory_format=torch.contiguous_format, offset: float = 0.0, device: str = "cpu"
+) -> None:
     """relu(attention(BN(x)) + shortcut), fused against reference: output, gradients, buffers.
     ``offset`` shifts x away from the BN's running mean."""
-    ref, fus = _pair(name)
-    bn_r = _bn(16)
+    ref, fus = (m.to(device) for m in _pair(name))
+    bn_r = _bn(16).to(device)
     bn_f = copy.deepcopy(bn_r)
     for m in (ref, fus, bn_r, bn_f):
         m.train(training)
-    x = (_tied_input() + offset).contiguous(memory_format=memory_format)
-    sc = torch.randn(3, 16, 6, 5).contiguous(memory_format=memory_format)
-    dy = torch.randn(3, 16, 6, 5)
+    x = (_tied_input() + offset).to(device).contiguous(memory_format=memory_format)
+    sc = torch.randn(3, 16, 6, 5).to(device).contiguous(memory_format=memory_format)
+    dy = torch.randn(3, 16, 6, 5).to(device)
     params_r = [*bn_r.parameters(), *ref.parameters()]
     params_f = [*bn_f.parameters(), *fus.parameters()]
     out_r = _run(lambda x, s: torch.relu(ref(bn_r(x)) + s), params_r, x, sc, grad=dy)
@@ -136,13 +141,12 @@ def test_standalone_module_matches_reference(name):
     _compare(out_r, out_f, [n for n, _ in ref.named_parameters()])
 
 
-def _check_inference(name: str, memory_format) -> None:
+def _check_inference(name: str, memory_format, device: str = "cpu") -> None:
     """Evaluation without gradients (the forward graph keeping nothing) against the reference."""
-    ref, fus = _pair(name)
-    bn = _bn(16).eval()
-    ref.eval(), fus.eval()
-    x = _tied_input().contiguous(memory_format=memory_format)
-    sc = torch.randn(3, 16, 6, 5).contiguous(memory_format=memory_format)
+    ref, fus = (m.to(device).eval() for m in _pair(name))
+    bn = _bn(16).to(device).eval()
+    x = _tied_input().to(device).contiguous(memory_format=memory_format)
+    sc = torch.randn(3, 16, 6, 5).to(device).contiguous(memory_format=memory_format)
     with torch.no_grad():
         y_f = fus.forward_tail(x, bn, sc)
         y_r = torch.relu(ref(bn(x)) + sc)
@@ -349,18 +353,22 @@ def test_gate_hooks_fire_once_with_the_reference_values():
         _assert_close(a, b, "gate output")
 
 
-def test_bf16_autocast_close_to_reference():
-    ref, fus = _pair("cbam")
-    bn = _bn(16).train()
-    x, sc = torch.randn(3, 16, 6, 5).bfloat16(), torch.randn(3, 16, 6, 5).bfloat16()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, needs_cuda])])
+def test_bf16_autocast_close_to_reference(device, monkeypatch):
+    """Under bf16 autocast (trainer.amp=bf16); on CUDA with the kernels compiled by inductor (Triton)."""
+    if device == "cuda":
+        monkeypatch.setattr(fused_mod, "KERNEL_MODE", "compiled")
+    ref, fus = (m.to(device) for m in _pair("cbam"))
+    bn = _bn(16).to(device).train()
+    x, sc = (torch.randn(3, 16, 6, 5).to(device).bfloat16() for _ in range(2))
+    with torch.autocast(device, dtype=torch.bfloat16):
         y_f = fus.forward_tail(x, copy.deepcopy(bn), sc)
         y_r = torch.relu(ref(copy.deepcopy(bn)(x)) + sc)
     assert y_f.dtype == torch.bfloat16
     torch.testing.assert_close(y_f.float(), y_r.float(), atol=0.05, rtol=0.02)
     for m in (ref, fus, bn):
         m.eval()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # evaluation: the one-graph path
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):  # evaluation: the one-graph path
         y_f, y_r = fus.forward_tail(x, bn, sc), torch.relu(ref(bn(x)) + sc)
     assert y_f.dtype == torch.bfloat16
     torch.testing.assert_close(y_f.float(), y_r.float(), atol=0.05, rtol=0.02)
@@ -404,5 +412,34 @@ def test_compiled_kernels_match_reference(name, monkeypatch):
     for training in (True, False):
         _check_tail(name, training, torch.channels_last)
     _check_inference(name, torch.channels_last)
+    graphs = (fused_mod.tail_forward, fused_mod.tail_backward)
+    assert all(graph.compiled is not None and not graph.failed for graph in graphs)
+
+
+@contextlib.contextmanager
+def _without_tf32():
+    """Full float32 convs and matmuls on CUDA (cuDNN's convs default to TF32), restored afterwards."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or not fused_mod._toolchain_available("cuda"), reason="needs a CUDA GPU and Triton"
+)
+@pytest.mark.parametrize("name", ["cbam", "cbam_spatial_first"])
+def test_triton_kernels_match_reference(name, monkeypatch):
+    """On CUDA, the kernels compiled by inductor (Triton) against the reference in float32 (TF32 off, or
+    the reference's own convs and matmuls would be the less exact side): training, evaluation with
+    gradients and without, channels_last."""
+    monkeypatch.setattr(fused_mod, "KERNEL_MODE", "compiled")
+    with _without_tf32():
+        for training in (True, False):
+            _check_tail(name, training, torch.channels_last, device="cuda")
+        _check_inference(name, torch.channels_last, device="cuda")
     graphs = (fused_mod.tail_forward, fused_mod.tail_backward)
     assert all(graph.compiled is not None and not graph.failed for graph in graphs)
