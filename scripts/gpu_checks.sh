@@ -39,7 +39,7 @@ step() {  # step NAME SECONDS COMMAND...: run it under a time limit, log to $out
   "$py" -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '|', torch.cuda.get_device_name())"
 } 2>&1 | tee "$out/gpu.txt"
 step tests 300 "$py" -m pytest -q -rs -m cuda -p no:cacheprovider tests/test_fused.py
-step bench_attention 300 "$py" scripts/bench_attention.py --device cuda --amp bf16 --channels-last --batch 64 --reps 11
+step bench_attention 300 "$py" scripts/bench_attention.py --device cuda --amp bf16 --channels-last --batch 64 --reps 51
 step bench_train 240 "$py" scripts/bench_train.py --steps 200 -- trainer.device=cuda trainer.amp=bf16 "${data[@]}"
 
 if [ ${#failed[@]} -gt 0 ]; then
