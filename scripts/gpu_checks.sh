@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks in one run (a few minutes on an H100/H200): the CUDA tests (inductor's Triton kernels
 # against the reference, bf16 autocast), then both benchmarks with bf16 AMP and channels_last.
-# Each step's log goes to ${OUT:-gpu-checks}/; the exit status is non-zero if any step failed.
+# Each step's log goes to ${OUT:-gpu-checks}/; the exit status is non-zero if any step failed. The
+# steps' time limits add up to 570 s, so that the whole run fits in one 10-minute command.
 #
 #   bash scripts/gpu_checks.sh            # with this project installed (README), or a Python that has
 #                                         # torch, torchvision, timm, tensorboard, hydra-core, omegaconf
@@ -38,9 +39,9 @@ step() {  # step NAME SECONDS COMMAND...: run it under a time limit, log to $out
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   "$py" -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '|', torch.cuda.get_device_name())"
 } 2>&1 | tee "$out/gpu.txt"
-step tests 300 "$py" -m pytest -q -rs -m cuda -p no:cacheprovider tests/test_fused.py
-step bench_attention 300 "$py" scripts/bench_attention.py --device cuda --amp bf16 --channels-last --batch 64 --reps 51
-step bench_train 240 "$py" scripts/bench_train.py --steps 200 -- trainer.device=cuda trainer.amp=bf16 "${data[@]}"
+step tests 150 "$py" -m pytest -q -rs -m cuda -p no:cacheprovider tests/test_fused.py
+step bench_attention 270 "$py" scripts/bench_attention.py --device cuda --amp bf16 --channels-last --batch 64 --reps 51
+step bench_train 150 "$py" scripts/bench_train.py --steps 200 -- trainer.device=cuda trainer.amp=bf16 "${data[@]}"
 
 if [ ${#failed[@]} -gt 0 ]; then
   echo "failed: ${failed[*]}"
