@@ -27,8 +27,9 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
 
     from cbam import checkpoint as ckpt_io
     from cbam.data import build_batches
+    from cbam.device import amp_dtype, resolve_device, set_tf32
     from cbam.profile import count_gmacs, count_params
-    from cbam.trainer import AMP_DTYPES, build_model, evaluate, ns, resolve_device
+    from cbam.trainer import build_model, evaluate, ns
 
     path = Path(cfg.checkpoint)
     ckpt = ckpt_io.load(path)
@@ -36,6 +37,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     data = dict(config["data"], root=cfg.data_root or config["data"]["root"])
     trainer = config["trainer"]
     device = resolve_device(cfg.device)
+    set_tf32(device, trainer.get("tf32", False))  # as the run's own validation (no such key: before TF32 was on)
     batch_size = cfg.batch_size or trainer["eval_batch_size"] or trainer["batch_size"]
     _, val_batches = build_batches(ns(data), 1, batch_size, config["seed"], device)
     model = build_model(config)
@@ -46,7 +48,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
         model.to(memory_format=torch.channels_last)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=trainer["label_smoothing"])
     tic = time.perf_counter()
-    meter = evaluate(model, val_batches, criterion, device, AMP_DTYPES[trainer["amp"]], trainer["channels_last"],
+    meter = evaluate(model, val_batches, criterion, device, amp_dtype(trainer["amp"], device), trainer["channels_last"],
                      cfg.limit_val_batches)  # fmt: skip
     elapsed = time.perf_counter() - tic
     summary = meter.summary()

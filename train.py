@@ -24,13 +24,19 @@ if os.environ.get("RANK", "0") != "0":  # torchrun: only rank 0 writes the run's
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    from cbam.trainer import Trainer  # after Hydra has parsed the command line: fast --help
+    from cbam.trainer import StopNow, StopRequest, Trainer  # after Hydra has parsed the command line: fast --help
 
-    try:
-        results = Trainer(to_container(cfg), HydraConfig.get().runtime.output_dir).run()
-    except UserError as exc:
-        log.error("error: %s", exc)
-        sys.exit(2)
+    config = to_container(cfg)
+    # Installed before the trainer loads data and builds the model, so that a signal then stops the run too.
+    with StopRequest(config["trainer"]["stop_grace_s"]) as stop:
+        try:
+            results = Trainer(config, HydraConfig.get().runtime.output_dir, stop).run()
+        except StopNow:
+            log.warning("stopped before training began; nothing to save")
+            return None
+        except UserError as exc:
+            log.error("error: %s", exc)
+            sys.exit(2)
     # The return value is what a Hydra sweeper optimises.
     return None if results is None else results["top1"]
 

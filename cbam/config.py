@@ -16,6 +16,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from .device import AMP_CHOICES, COMPILE_MODES
 from .spec import CHOICES, AttentionSpec
 
 
@@ -51,7 +52,8 @@ Stem = _enum("Stem", ["auto", "imagenet", "cifar"])
 Dataset = _enum("Dataset", ["cifar10", "cifar100", "imagenet", "fashion_mnist", "synthetic"])
 Optimizer = _enum("Optimizer", ["sgd", "adamw"])
 Schedule = _enum("Schedule", ["step", "cosine", "constant"])
-Amp = _enum("Amp", ["none", "bf16", "fp16"])
+Amp = _enum("Amp", AMP_CHOICES)
+CompileMode = _enum("CompileMode", COMPILE_MODES)
 
 
 @dataclass
@@ -110,9 +112,11 @@ class TrainerConfig:
     batch_size: int = 256
     eval_batch_size: int = 0  # 0: same as batch_size
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: Amp = Amp.none
+    amp: Amp = Amp.auto  # auto: bf16 on CUDA, none (float32) on the CPU
+    tf32: bool = True  # TF32 tensor cores for float32 matmuls and convs on CUDA
     channels_last: bool = True
-    compile: bool = False
+    compile: Optional[bool] = None  # torch.compile the model; null: where it measured faster (cbam/device.py)
+    compile_mode: CompileMode = CompileMode.auto  # torch.compile's mode; auto: the device's measured one
     label_smoothing: float = 0.0
     grad_clip: float = 0.0  # max global grad norm; 0 = off
     log_every: int = 50  # steps between plain log lines (when stdout is not a terminal)
@@ -122,6 +126,7 @@ class TrainerConfig:
     ckpt_every_steps: int = 0  # also checkpoint every N steps; 0 = only at epoch ends
     deterministic: bool = False
     sync_bn: bool = False
+    stop_grace_s: float = 10.0  # after SIGTERM/SIGINT: seconds to finish the step before the work is interrupted
 
 
 @dataclass

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cache
 
@@ -61,14 +63,34 @@ KERNEL_MODE = os.environ.get("CBAM_FUSED_KERNELS", "auto")
 if KERNEL_MODE not in KERNEL_MODES:
     raise ValueError(f"CBAM_FUSED_KERNELS={KERNEL_MODE!r} is not valid; allowed: {', '.join(KERNEL_MODES)}")
 
+# Devices on which impl=auto runs the fused Function: where it measured faster than the reference
+# (docs/performance.md). On CUDA the reference in eager mode measured faster, and whole-model
+# compilation (trainer.compile) fuses the reference's own ops.
+AUTO_FUSED_DEVICES = ("cpu",)
+
+# Devices where building or running a compiled graph failed once: impl=auto runs the reference there.
+_failed_devices: set[str] = set()
+
+
+class CompileFailed(RuntimeError):
+    """A fused graph could not be compiled or run compiled; the caller falls back to the reference."""
+
 
 def kernel_mode(device_type: str) -> str | None:
-    """How fused graphs run on a device: "compiled", "eager", or None (auto mode, no toolchain)."""
+    """How fused graphs run on a device: "compiled", "eager", or None (auto mode with no working toolchain)."""
     if KERNEL_MODE == "eager":
         return "eager"
+    if device_type in _failed_devices:
+        return None
     if KERNEL_MODE == "compiled" or _toolchain_available(device_type):
         return "compiled"
     return None
+
+
+def auto_uses_fused(device_type: str) -> bool:
+    """Whether impl=auto runs the fused Function on this device."""
+    mode = kernel_mode(device_type)
+    return mode == "eager" or (mode == "compiled" and device_type in AUTO_FUSED_DEVICES)
 
 
 @cache
@@ -89,39 +111,86 @@ def _toolchain_available(device_type: str) -> bool:
 _ONE_PASS = {"realize_cpu_acc_reads_threshold": 64, "realize_reads_threshold": 32}
 
 
+def inductor_options() -> dict:
+    """``_ONE_PASS`` less the options that this torch's inductor does not know (they come and go
+    between releases, and ``torch.compile`` refuses an unknown one)."""
+    from torch._inductor import config
+
+    return {k: v for k, v in _ONE_PASS.items() if hasattr(config, k)}
+
+
+def _compile_settings(device_type: str):
+    """Inductor settings while a fused graph compiles. On CUDA one compile thread: the pool of compile
+    worker processes stalled for minutes on a 16-core GPU machine, where one thread compiles the few
+    fused kernels of a block shape in seconds (docs/performance.md)."""
+    from torch._inductor import config
+
+    if device_type == "cuda" and hasattr(config, "compile_threads"):
+        return config.patch(compile_threads=1)
+    return nullcontext()
+
+
 class _Graph:
     """``fn(cfg, *tensors)`` compiled with inductor (C++ on CPU, Triton on CUDA), or run eagerly.
-    ``cfg`` (a ``TailConfig``) is static: one specialisation per configuration and shape."""
+    ``cfg`` (a ``TailConfig``) is static: one specialisation per configuration and shape.
+
+    Any error while building or running the compiled graph raises ``CompileFailed`` after one warning,
+    and from then on ``kernel_mode`` reports no toolchain for that device (impl=auto: the reference)."""
 
     def __init__(self, fn):
         self.fn = fn
         self.compiled = None
         self.failed = False
+        self._shapes: set = set()  # (cfg, shape, dtype, device type) already compiled
 
     def __call__(self, cfg, x, *args):
-        if self.failed or kernel_mode(x.device.type) != "compiled" or _get_current_dispatch_mode() is not None:
+        if kernel_mode(x.device.type) != "compiled" or _get_current_dispatch_mode() is not None:
             # Under a dispatch mode (a user's TorchDispatchMode, say) torch.compile cannot run.
             return self.fn(cfg, x, *args)
-        if self.compiled is None:
-            # Static shapes: on CPU the shape-specialised kernels were 10% faster per training step than
-            # dynamic ones (ResNet-50, scripts/bench_attention.py). A network has a few distinct block
-            # shapes per batch size, so allow more than dynamo's default of 8 specialisations.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self.compiled = torch.compile(self.fn, fullgraph=True, dynamic=False, options=_ONE_PASS)
-            _announce_compilation()
+        key = (cfg, tuple(x.shape), x.dtype, x.device.type)
+        if key in self._shapes:
+            return self._run(cfg, x, *args)
+        tic = time.perf_counter()
+        with _compile_settings(x.device.type):
+            out = self._run(cfg, x, *args)
+        self._shapes.add(key)
+        log.info("fused CBAM: compiled %s for %s blocks of shape %s (%s) in %.1f s", self.fn.__name__.strip("_"),
+                 x.device.type, tuple(x.shape), x.dtype, time.perf_counter() - tic)  # fmt: skip
+        return out
+
+    def _run(self, cfg, x, *args):
         try:
+            if self.compiled is None:
+                # Static shapes: on CPU the shape-specialised kernels were faster per training step than
+                # dynamic ones (docs/performance.md). A network has a few distinct block shapes per batch
+                # size, so allow more than dynamo's default of 8 specialisations.
+                _raise_recompile_limit(64)
+                self.compiled = torch.compile(self.fn, fullgraph=True, dynamic=False, options=inductor_options())
+                _announce_compilation()
             return self.compiled(cfg, x, *args)
         except Exception as err:  # a broken toolchain must not stop training: fall back, say so once
             self.failed = True
-            log.warning("fused CBAM graph %s could not be compiled (%s); running it eagerly", self.fn.__name__, err)
-            return self.fn(cfg, x, *args)
+            _failed_devices.add(x.device.type)
+            log.warning(
+                "fused CBAM: its %s graph could not be compiled or run on %s (%s: %s); CBAM runs the reference "
+                "implementation from now on", self.fn.__name__.strip("_"), x.device.type, type(err).__name__,
+                str(err).splitlines()[0] if str(err) else "",
+            )  # fmt: skip
+            raise CompileFailed(str(err)) from err
+
+
+def _raise_recompile_limit(limit: int) -> None:
+    """Dynamo's per-function specialisation limit (``recompile_limit``, ``cache_size_limit`` before torch 2.6)."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), limit))
 
 
 @cache
 def _announce_compilation() -> None:
     log.info(
-        "fused CBAM: compiling its kernels for each new block shape on first use (tens of seconds on a small "
-        "CPU; inductor caches them on disk for later runs). CBAM_FUSED_KERNELS=eager skips compilation."
+        "fused CBAM: compiling its kernels for each new block shape on first use (inductor caches them on disk "
+        "for later runs). CBAM_FUSED_KERNELS=eager skips compilation; attention.impl=reference skips the fused path."
     )
 
 
@@ -524,7 +593,8 @@ def _tail_backward(cfg: TailConfig, g, x, saved, mlp_weights, conv_weights):
     return d_x, [] if cfg.bn is None else [d_gamma, d_beta], mlp_grads, spatial_grads
 
 
-@torch.library.custom_op("cbam::stored_copy", mutates_args=())
+# The schema is given: torch 2.4 cannot read it from this module's postponed (string) annotations.
+@torch.library.custom_op("cbam::stored_copy", mutates_args=(), schema="(Tensor t) -> Tensor")
 def _stored_copy(t: torch.Tensor) -> torch.Tensor:
     """A copy that inductor cannot look into (see ``_stored``)."""
     return t.clone()
@@ -675,7 +745,11 @@ class FusedGatedTail(torch.autograd.Function):
         conv_weights = None
         if sg is not None:
             conv_weights = (sg.conv.weight, sg.conv.bias is not None, sg.bn.weight if sg.bn is not None else None)
-        d_x, bn_grads, mlp_grads, spatial_grads = tail_backward(ctx.cfg, g, x, ctx.small, mlp_weights, conv_weights)
+        args = (ctx.cfg, g, x, ctx.small, mlp_weights, conv_weights)
+        try:
+            d_x, bn_grads, mlp_grads, spatial_grads = tail_backward(*args)
+        except CompileFailed:  # too late for the reference in this step: the same equations, op by op
+            d_x, bn_grads, mlp_grads, spatial_grads = _tail_backward(*args)
         d_sc = None if ctx.shortcut_dtype is None else g.to(ctx.shortcut_dtype)
         params = ([] if plan.bn is None else [plan.bn.weight, plan.bn.bias]) + plan.gate_params
         grads = [d.to(p.dtype) for d, p in zip([*bn_grads, *mlp_grads, *spatial_grads], params, strict=True)]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as nnf
 
-from .fused import FusedPlan, fused_gated_tail, hooks_present, kernel_mode
+from .fused import CompileFailed, FusedPlan, auto_uses_fused, fused_gated_tail, hooks_present
 from .spec import AttentionSpec, fused_supported, resolve_spec
 
 
@@ -24,8 +24,10 @@ class AttentionModule(nn.Module):
     """Base class of every gate; backbones use it to leave attention init to the module itself.
 
     ``impl`` picks the implementation: "reference" (plain autograd, the methods below),
-    "fused" (``cbam.fused``: one autograd Function with generated kernels) or "auto" (fused where its
-    kernels can be compiled for the input's device and the variant is supported, else reference).
+    "fused" (``cbam.fused``: one autograd Function with generated kernels) or "auto" (fused on the
+    devices where it measured faster, ``cbam.fused.AUTO_FUSED_DEVICES``, when its kernels compile there
+    and the variant is supported; else reference). A fused graph that fails to compile or run falls
+    back to the reference with one warning.
     Under ``torch.compile`` of a whole model the reference runs and inductor fuses it itself; so it
     does where forward hooks watch the module or its gates (the fused graphs do not call them).
     """
@@ -44,7 +46,7 @@ class AttentionModule(nn.Module):
             return False
         if hooks_present(self):
             return False
-        return self.impl == "fused" or kernel_mode(x.device.type) is not None
+        return self.impl == "fused" or auto_uses_fused(x.device.type)
 
     def forward_tail(
         self, x: torch.Tensor, bn: nn.Module, shortcut: torch.Tensor, x_is_temporary: bool = False
@@ -52,12 +54,18 @@ class AttentionModule(nn.Module):
         """relu(attention(bn(x)) + shortcut): a residual block's tail, fused where possible.
         ``x_is_temporary``: nothing else reads x afterwards, so evaluation may write the result into it."""
         if self.use_fused(x) and _fusable_bn(bn):
-            return fused_gated_tail(self.fused_plan(bn), x, shortcut, overwrite_x=x_is_temporary)
+            try:
+                return fused_gated_tail(self.fused_plan(bn), x, shortcut, overwrite_x=x_is_temporary)
+            except CompileFailed:  # warned once by cbam.fused; x is untouched
+                pass
         return nnf.relu(self(bn(x)) + shortcut, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_fused(x):
-            return fused_gated_tail(self.fused_plan(None), x)
+            try:
+                return fused_gated_tail(self.fused_plan(None), x)
+            except CompileFailed:  # warned once by cbam.fused
+                pass
         return self.reference_forward(x)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,13 +77,25 @@ def _fusable_bn(bn: nn.Module) -> bool:
     return type(bn) is nn.BatchNorm2d and bn.affine and not (bn._forward_hooks or bn._forward_pre_hooks)
 
 
+def _max_over(x: torch.Tensor, dims: tuple[int, ...], keepdim: bool = False) -> torch.Tensor:
+    """Max over ``dims``: ``amax`` (its gradient split evenly between tied maxima, as the fused kernels do),
+    or, under ``torch.compile``, ``max(dim).values`` with its gradient routed by index. Inductor
+    finds amax's ties by comparing the input, which it may recompute at a higher precision than the
+    max it saved: with bf16 autocast no position matched and the gradient was NaN."""
+    if not torch.compiler.is_compiling():
+        return x.amax(dim=dims, keepdim=keepdim)
+    if len(dims) == 1:
+        return x.max(dim=dims[0], keepdim=keepdim).values
+    return x.flatten(dims[0], dims[-1]).max(dim=dims[0], keepdim=keepdim).values  # consecutive dims
+
+
 def channel_pool(x: torch.Tensor, pool: str) -> list[torch.Tensor]:
     """Spatial pooling of an (N, C, H, W) map into (N, C) descriptors: F^c_avg and/or F^c_max."""
     pooled = []
     if pool in ("avg", "avgmax"):
         pooled.append(x.mean(dim=(2, 3)))
     if pool in ("max", "avgmax"):
-        pooled.append(x.amax(dim=(2, 3)))
+        pooled.append(_max_over(x, (2, 3)))
     return pooled
 
 
@@ -85,7 +105,7 @@ def spatial_pool(x: torch.Tensor) -> torch.Tensor:
     The order follows the reference code (``ChannelPool``: max first); the paper writes
     [AvgPool; MaxPool]. The two are the same function class, with the conv's input channels swapped.
     """
-    return torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)
+    return torch.cat([_max_over(x, (1,), keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)
 
 
 class ChannelGate(AttentionModule):

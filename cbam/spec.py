@@ -53,10 +53,10 @@ class AttentionSpec:
       placement: where a residual block applies it: "residual" (reference: after the last BN,
         before the shortcut addition), "pre" (on the block input, residual branch only),
         "post" (after the addition and ReLU).
-      impl: "auto" (default: "fused" where supported and its kernels compile on the device, else
-        "reference"), "fused" (``cbam.fused``: gates + last BN + shortcut + ReLU as one autograd
-        Function with generated kernels; not for descriptor="conv1x1" or parallel_combine="add") or
-        "reference" (plain autograd, the modules' straightforward code).
+      impl: "auto" (default: "fused" where supported, measured faster on the device (the CPU) and
+        its kernels compile there, else "reference"), "fused" (``cbam.fused``: gates + last BN +
+        shortcut + ReLU as one autograd Function with generated kernels; not for descriptor="conv1x1"
+        or parallel_combine="add") or "reference" (plain autograd, the modules' straightforward code).
     """
 
     name: str = "custom"

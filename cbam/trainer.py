@@ -12,13 +12,16 @@ import json
 import logging
 import math
 import os
+import random
 import signal
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -28,8 +31,11 @@ from models import create_model
 from . import checkpoint as ckpt_io
 from . import distributed as dist
 from .data import build_batches
+from .device import amp_dtype, autocast, compile_mode, resolve_device, set_tf32
 from .errors import UserError
+from .fused import auto_uses_fused
 from .metrics import Meter
+from .modules import AttentionModule
 from .optim import build_optimizer, build_scheduler
 from .profile import count_gmacs, count_params
 from .tblog import log_attention, write_hparams
@@ -53,6 +59,7 @@ def validate(config: dict) -> None:
         (o["weight_decay"] < 0, f"optim.weight_decay must be >= 0, got {o['weight_decay']}"),
         (not 0 <= t["label_smoothing"] < 1, f"trainer.label_smoothing must be in [0, 1), got {t['label_smoothing']}"),
         (t["grad_clip"] < 0, f"trainer.grad_clip must be >= 0 (0 = off), got {t['grad_clip']}"),
+        (t["stop_grace_s"] <= 0, f"trainer.stop_grace_s must be > 0, got {t['stop_grace_s']}"),
         (config["model"]["width"] <= 0, f"model.width must be > 0, got {config['model']['width']}"),
         (d["num_classes"] < 1, f"data.num_classes must be >= 1, got {d['num_classes']}"),
         (len(d["mean"]) != d["in_chans"] or len(d["std"]) != d["in_chans"],
@@ -68,13 +75,6 @@ def validate(config: dict) -> None:
 # The first steps of each process compile kernels (fused CBAM, trainer.compile) and fill the allocator;
 # they count in train_s/wall_s but not in train_img_per_s, which is the steady-state rate.
 WARMUP_STEPS = 3
-
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(device: torch.device, amp_dtype: torch.dtype | None):
-    """Mixed precision when ``amp_dtype`` is set, a no-op context otherwise."""
-    return nullcontext() if amp_dtype is None else torch.autocast(device.type, dtype=amp_dtype)
 
 
 @torch.no_grad()
@@ -94,15 +94,6 @@ def evaluate(model, batches, criterion, device, amp_dtype=None, channels_last=Fa
     return meter
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{dist.local_rank()}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"trainer.device={name} but no CUDA device is available; use trainer.device=cpu or auto")
-    return device
-
-
 def build_model(config: dict) -> torch.nn.Module:
     """The network a config describes (also used by ``eval.py``)."""
     m, d = config["model"], config["data"]
@@ -111,27 +102,109 @@ def build_model(config: dict) -> torch.nn.Module:
     return create_model(m["arch"], d["num_classes"], config["attention"], in_chans=d["in_chans"], stem=stem, **options)
 
 
-class StopRequest:
-    """SIGTERM / SIGINT ask the loop to stop after the current step; a second SIGINT stops at once."""
+def seed_everything(seed: int) -> None:
+    """Python's, NumPy's and torch's generators (all of which a checkpoint stores) from one seed."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
-    def __init__(self):
+
+def total_grad_norm(parameters) -> torch.Tensor:
+    """The global L2 norm of the gradients, in one multi-tensor call (``torch.nn.utils.get_total_norm``
+    where this torch has it, 2.6 on; the same two foreach reductions before)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if hasattr(torch.nn.utils, "get_total_norm"):
+        return torch.nn.utils.get_total_norm(grads, foreach=True)
+    if not grads:
+        return torch.tensor(0.0)
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
+
+
+def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor) -> None:
+    """Scale the gradients so that their global norm is at most ``max_norm`` (``torch.nn.utils.
+    clip_grads_with_norm_`` where this torch has it, 2.6 on)."""
+    if hasattr(torch.nn.utils, "clip_grads_with_norm_"):
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm)
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, (max_norm / (total_norm + 1e-6)).clamp(max=1.0))
+
+
+class StopNow(BaseException):
+    """A stop request was not honoured within its grace period: the work in progress is abandoned.
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` in torch swallows it."""
+
+
+class StopRequest:
+    """SIGTERM / SIGINT ask the run to stop after the current step, so that the checkpoint resumes
+    bit-identically. If the run has not stopped ``grace_s`` seconds later (a cold compilation, a long
+    evaluation, data loading), the signal is delivered to the main thread again and raises
+    ``StopNow`` there, which interrupts blocking waits too; inside ``critical()`` (the optimizer update
+    and the bookkeeping after it, milliseconds) it waits for the section's end. A second SIGINT stops
+    at once (KeyboardInterrupt)."""
+
+    def __init__(self, grace_s: float = 10.0):
+        self.grace_s = grace_s
         self.requested = False
+        self.overdue = False
+        self.settled = False  # the stop is being carried out: further signals change nothing
+        self._critical = 0
+        self._depth = 0
         self._previous = {}
+        self._timer: threading.Timer | None = None
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
+        if self._depth == 0:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        self._depth += 1
         return self
 
-    def _handle(self, signum, _frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("%s received: stopping after this step and writing a checkpoint", signal.Signals(signum).name)
-
     def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        self._depth -= 1
+        if self._depth == 0:
+            if self._timer is not None:
+                self._timer.cancel()
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+
+    def _handle(self, signum, _frame):
+        if self.settled:
+            return
+        if self.overdue:
+            if not self._critical:
+                raise StopNow
+            return
+        if self.requested:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.requested = True
+        log.warning("%s received: stopping after this step and writing a checkpoint (at most %.0f s)",
+                    signal.Signals(signum).name, self.grace_s)  # fmt: skip
+        self._timer = threading.Timer(self.grace_s, self._expire, args=(threading.main_thread().ident,))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self, main_thread: int) -> None:
+        self.overdue = True
+        signal.pthread_kill(main_thread, signal.SIGTERM)  # wakes a blocking wait, then raises StopNow
+
+    @contextmanager
+    def critical(self):
+        """A section that a late stop does not interrupt; ``StopNow`` at its end instead."""
+        self._critical += 1
+        try:
+            yield
+        finally:
+            self._critical -= 1
+        if self.overdue and not self._critical and not self.settled:
+            raise StopNow
+
+    def settle(self) -> None:
+        """The stop is being carried out (after ``StopNow``): ignore further signals."""
+        self.settled = True
 
 
 class NonFiniteError(UserError):
@@ -139,10 +212,14 @@ class NonFiniteError(UserError):
 
 
 class Trainer:
-    def __init__(self, config: dict, run_dir: Path):
+    """One run. ``stop``: the run's ``StopRequest`` when the caller installed it before building the
+    trainer (``train.py``, so that a signal during data loading is handled too); else ``run`` installs one."""
+
+    def __init__(self, config: dict, run_dir: Path, stop: StopRequest | None = None):
         validate(config)
         self.config, self.run_dir = config, Path(run_dir)
         self.t, self.d = ns(config["trainer"]), ns(config["data"])
+        self.stop = stop or StopRequest(self.t.stop_grace_s)
         self.device = resolve_device(self.t.device)
         self.rank, self.world_size = dist.init_from_env(self.device)
         self.main = self.rank == 0
@@ -164,7 +241,7 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
         elif self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        torch.manual_seed(config["seed"])
+        seed_everything(config["seed"])
 
         eval_batch = self.t.eval_batch_size or self.t.batch_size
         self.train_batches, self.val_batches = build_batches(
@@ -190,27 +267,29 @@ class Trainer:
             self.model = dist.convert_sync_batchnorm(self.model, self.device)
         self.optimizer = build_optimizer(self.model, ns(config["optim"]))
         self.scheduler = build_scheduler(self.optimizer, ns(config["sched"]), self.t.epochs, self.steps_per_epoch)
-        self.amp_dtype = AMP_DTYPES[self.t.amp]
-        if self.amp_dtype is torch.float16 and self.device.type != "cuda":
-            raise UserError("trainer.amp=fp16 needs CUDA; use trainer.amp=bf16 or none on the CPU")
+        self.amp_dtype = amp_dtype(self.t.amp, self.device)
+        set_tf32(self.device, self.t.tf32)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=self.t.label_smoothing)
 
-        self.train_model = self.model
+        self.eager_model = self.model
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        if self.t.compile:
-            self.train_model = torch.compile(self.train_model)
+            self.eager_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.compile_mode = compile_mode(self.t.compile, self.t.compile_mode, self.device)
+        self.train_model = self.eager_model
+        if self.compile_mode is not None:
+            self.train_model = torch.compile(self.eager_model, mode=self.compile_mode)
 
         # Progress: where the next step starts, and what has been measured so far.
         self.epoch, self.next_batch, self.global_step = 0, 0, 0
         self.best_top1, self.best_epoch, self.history = -1.0, -1, []
         self.train_time, self.train_images, self.wall_before = 0.0, 0, 0.0
         self.warmup_time, self.steps_this_run = 0.0, 0
-        self.meter_state = None
+        self.meter_state, self.meter = None, None
         if self.resume_path is not None:
             self._load(self.resume_path)
+        self.saved_step = self.global_step  # the step of the newest checkpoint
         self.writer = SummaryWriter(self.run_dir) if self.main else None
 
     # ---- setup helpers -------------------------------------------------------------------------
@@ -281,38 +360,60 @@ class Trainer:
             "meter": meter.sums.cpu() if meter is not None else None,
             "rng": ckpt_io.rng_state(),
         }  # fmt: skip
-        for name in names:
-            ckpt_io.save_atomic(state, self.ckpt_dir / name)
+        with self.stop.critical():
+            for name in names:
+                ckpt_io.save_atomic(state, self.ckpt_dir / name)
+        self.saved_step = self.global_step
         return self.ckpt_dir / names[0]
 
     # ---- the loop -----------------------------------------------------------------------------
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.t.channels_last else x
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, meter: Meter) -> None:
-        self.scheduler.step_update(self.global_step)
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss and logits of one batch, gradients computed; a compiled model that fails to compile or
+        run falls back to eager mode, with one warning."""
+        try:
+            return self._forward_backward_with(self.train_model, x, y)
+        except UserError:
+            raise
+        except Exception as err:
+            if self.train_model is self.eager_model:
+                raise
+            log.warning("torch.compile of the model failed (%s: %s); training continues in eager mode",
+                        type(err).__name__, str(err).splitlines()[0] if str(err) else "")  # fmt: skip
+            self.train_model, self.compile_mode = self.eager_model, None
+            return self._forward_backward_with(self.train_model, x, y)
+
+    def _forward_backward_with(self, model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.compile_mode in ("reduce-overhead", "max-autotune"):  # CUDA graphs: a new step's outputs
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(self.device, self.amp_dtype):
-            logits = self.train_model(self._inputs(x))
+            logits = model(self._inputs(x))
             loss = self.criterion(logits, y)
         # Every rank must agree to stop, or the others would wait forever in the next all-reduce.
         if dist.broadcast_flag(not math.isfinite(loss.item()), self.device):
             raise NonFiniteError(self._nonfinite_message("loss"))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        return loss, logits
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, meter: Meter) -> None:
+        self.scheduler.step_update(self.global_step)
+        loss, logits = self._forward_backward(x, y)
         self.scaler.unscale_(self.optimizer)
         # The global norm is needed anyway to catch non-finite gradients; the rescaling pass only with clipping.
-        # foreach=True also on CPU: one multi-tensor call; on ResNet-50's gradients 5 ms against 10 ms for
-        # clip_grad_norm_'s per-tensor loop and 45 ms for one norm over the concatenated gradients.
-        norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None],
-                                             foreach=True)  # fmt: skip
+        norm = total_grad_norm(self.model.parameters())
         if self.t.grad_clip:
-            torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.t.grad_clip, norm)
+            clip_grads_with_norm_(self.model.parameters(), self.t.grad_clip, norm)
         if not self.scaler.is_enabled() and not math.isfinite(norm.item()):  # gradients are all-reduced
             raise NonFiniteError(self._nonfinite_message("gradient norm"))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        meter.update(loss, logits, y)
-        self.global_step += 1
+        with self.stop.critical():  # the update and its bookkeeping: a late stop waits for them
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            meter.update(loss, logits, y)
+            self.global_step += 1
+            self.next_batch += 1
 
     def _nonfinite_message(self, what: str) -> str:
         last = self.ckpt_dir / "last.pt"
@@ -330,23 +431,43 @@ class Trainer:
     def run(self) -> dict | None:
         """Train to ``trainer.epochs``; returns the results, or None when stopped by a signal."""
         self.start_wall = time.time()
+        with self.stop:
+            try:
+                return self._run()
+            except StopNow:
+                self._stop_overdue()
+                return None
+
+    def _stop_overdue(self) -> None:
+        """The run did not reach a step's end within the stop's grace period: checkpoint what finished
+        (the BatchNorm statistics of an interrupted training forward included)."""
+        self.stop.settle()
+        where = "nothing new to save"
+        if self.global_step > self.saved_step:
+            where = f"checkpoint {self._save(('last.pt',), self.meter)}"
+        if self.main:
+            log.warning("stopped in the middle of work (the step did not end within %.0f s): %s; continue with "
+                        "resume=auto", self.stop.grace_s, where)  # fmt: skip
+        dist.cleanup()
+
+    def _run(self) -> dict | None:
         fixed_images = next(self.val_batches.batches())[0][:8]
         if self.main and self.t.image_every and self.epoch == 0 and self.next_batch == 0:
             log_attention(self.writer, self.model, self._inputs(fixed_images), 0)
         log.info(
-            "%s: %s + %s on %s, %.3fM params, %.4f GMACs, %d steps/epoch, device %s x%d",
+            "%s: %s + %s on %s, %.3fM params, %.4f GMACs, %d steps/epoch, device %s x%d; %s",
             self.config["name"], self.config["model"]["arch"], self.config["attention"]["name"], self.d.name,
             self.params / 1e6, self.gmacs, self.steps_per_epoch, self.device, self.world_size,
+            ", ".join(f"{k} {v}" for k, v in self.settings().items()),
         )  # fmt: skip
-        with StopRequest() as stop:
-            while self.epoch < self.t.epochs:
-                if dist.broadcast_flag(stop.requested, self.device):  # arrived during evaluation
-                    log.warning("stopped after epoch %d; checkpoint %s", self.epoch, self.ckpt_dir / "last.pt")
-                    dist.cleanup()
-                    return None
-                if not self._train_epoch(stop):
-                    return None
-                self._end_epoch(fixed_images)
+        while self.epoch < self.t.epochs:
+            if dist.broadcast_flag(self.stop.requested, self.device):  # arrived during evaluation
+                log.warning("stopped after epoch %d; checkpoint %s", self.epoch, self.ckpt_dir / "last.pt")
+                dist.cleanup()
+                return None
+            if not self._train_epoch(self.stop):
+                return None
+            self._end_epoch(fixed_images)
         results = self._results(self.wall_before + time.time() - self.start_wall)
         if self.main:
             write_hparams(
@@ -364,7 +485,7 @@ class Trainer:
         self.model.train()
         self.epoch_tic = time.perf_counter()
         self.scheduler.step(self.epoch)
-        meter = Meter(self.device, self.meter_state)
+        meter = self.meter = Meter(self.device, self.meter_state)
         self.meter_state = None
         bar = tqdm(
             total=self.steps_per_epoch, initial=self.next_batch, desc=f"epoch {self.epoch + 1}/{self.t.epochs}",
@@ -374,8 +495,7 @@ class Trainer:
         for x, y in self.train_batches.batches(self.epoch, self.next_batch):
             if self.next_batch >= self.steps_per_epoch:
                 break
-            self.train_step(x, y, meter)
-            self.next_batch += 1
+            self.train_step(x, y, meter)  # advances global_step and next_batch
             images += x.shape[0] * self.world_size
             self.steps_this_run += 1
             if self.steps_this_run == WARMUP_STEPS:  # leave the warm-up out of the throughput
@@ -423,6 +543,10 @@ class Trainer:
     def _end_epoch(self, fixed_images: torch.Tensor) -> None:
         eval_tic = time.perf_counter()
         val = self.evaluate()
+        with self.stop.critical():
+            self._record_epoch(val, fixed_images, eval_tic)
+
+    def _record_epoch(self, val: dict, fixed_images: torch.Tensor, eval_tic: float) -> None:
         train = self.train_summary
         self.epoch, self.next_batch = self.epoch + 1, 0
         is_best = val["top1"] > self.best_top1
@@ -431,6 +555,7 @@ class Trainer:
         self.history.append({"epoch": self.epoch, "train": train, "val": val,
                              "lr": self.optimizer.param_groups[0]["lr"]})  # fmt: skip
         self._save(("last.pt", "best.pt") if is_best else ("last.pt",), None)
+        self.meter = None
         if not self.main:
             return
         w = self.writer
@@ -449,10 +574,21 @@ class Trainer:
                  self.epoch, self.t.epochs, train["loss"], train["top1"], val["loss"], val["top1"], val["top5"],
                  " (best)" if is_best else "")  # fmt: skip
 
+    def settings(self) -> dict:
+        """What the ``auto`` settings resolved to on this device (and any fallback since)."""
+        impls = {m.impl for m in self.model.modules() if isinstance(m, AttentionModule)}
+        fused = any(i == "fused" or (i == "auto" and auto_uses_fused(self.device.type)) for i in impls)
+        return {
+            "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "float32",
+            "tf32": self.t.tf32 and self.device.type == "cuda",
+            "compile": self.compile_mode or "off",
+            "attention_impl": ("fused" if fused and self.compile_mode is None else "reference") if impls else "none",
+        }
+
     def _results(self, wall_s: float) -> dict:
         final = self.history[-1]["val"]
         return {
-            "status": "finished",
+            "status": "finished", "settings": self.settings(),
             "top1": final["top1"], "top5": final["top5"], "top1_err": final["top1_err"], "top5_err": final["top5_err"],
             "val_loss": final["loss"], "best_top1": self.best_top1, "best_epoch": self.best_epoch,
             "params": self.params, "gmacs": self.gmacs, "epochs": self.epoch, "steps": self.global_step,

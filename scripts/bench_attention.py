@@ -5,6 +5,8 @@
     python scripts/bench_attention.py --device cuda --amp bf16 --channels-last --batch 64
     python scripts/bench_attention.py --channels-last --keep-freed-memory   # CPU without page faults
     python scripts/bench_attention.py --measure infer --only "cbam (fused)" --reps 101   # one ratio, tight
+    python scripts/bench_attention.py --device cuda --amp bf16 --channels-last --batch 256 --measure train \
+        --only "cbam (reference)" "cbam (reference)@default" "timm resnet50-cbam@default" --json out.json
 
 For no attention, SE, CBAM (each implementation of this project) and timm's CBAM in the same
 backbone, measures the training-step time (forward, backward, SGD step), the inference time and the
@@ -15,6 +17,14 @@ median of ``--reps`` repetitions; a ratio to no attention is the median of the p
 the machine's speed over minutes cancels), printed with the quartiles of those ratios (how noisy the
 machine is) and a 95% confidence interval for their median (how sure the median is: it narrows as
 ``--reps`` grows, where the quartiles do not). ``--measure`` times the training step or inference alone.
+
+``NAME@MODE`` is variant NAME under ``torch.compile(mode=MODE)`` of the whole model (the reference
+modules inside, fused by inductor); ``cbam (default)`` is what ``attention=cbam`` with the trainer's
+defaults runs on the device (``cbam.device``). "timm resnet50-cbam" is timm's own ``resnet50`` with
+``block_args={"attn_layer": "cbam"}``. The first warm-up step of each variant (compilation, autotuning, CUDA-graph
+capture) is timed apart and reported as ``first_step_s``; a variant whose first step runs past
+``--first-step-limit`` seconds is dropped with a note. On CUDA, ``peak_step_mib`` is the peak memory of
+one training step above what the models hold between steps. ``--json`` writes every figure to a file.
 
 On the CPU, glibc's malloc hands blocks over 32 MiB back to the system when they are freed, and the
 next such allocation page-faults its memory in afresh; whether a tensor pays for that depends on what
@@ -28,7 +38,9 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import json
 import math
+import signal
 import statistics
 import sys
 import time
@@ -39,6 +51,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cbam.device import COMPILE_MODES, compile_mode  # noqa: E402
+from cbam.fused import auto_uses_fused  # noqa: E402
 from models import create_model  # noqa: E402
 
 
@@ -55,11 +69,53 @@ def timm_cbam_model(arch: str, **kwargs) -> nn.Module:
 
 
 def variants(arch: str) -> dict:
+    """Eager variants by name (``NAME@MODE`` compiles one, see ``build``)."""
     out = {"none": lambda: create_model(arch, attention="none"), "se": lambda: create_model(arch, attention="se")}
     for impl in ("fused", "reference"):
         out[f"cbam ({impl})"] = lambda impl=impl: create_model(arch, attention={"preset": "cbam", "impl": impl})
     out["timm cbam"] = lambda: timm_cbam_model(arch)
+    out[f"timm {arch}-cbam"] = lambda: _timm_model(arch)
     return out
+
+
+def _timm_model(arch: str) -> nn.Module:
+    import timm
+
+    return timm.create_model(arch, block_args={"attn_layer": "cbam"})
+
+
+DEFAULT_VARIANTS = ("none", "se", "cbam (fused)", "cbam (reference)", "timm cbam")
+
+
+def default_cbam(device: torch.device) -> str:
+    """The variant that ``attention=cbam`` with the trainer's defaults runs on ``device``."""
+    impl = "fused" if auto_uses_fused(device.type) else "reference"
+    mode = compile_mode(None, "auto", device)
+    return f"cbam ({impl})" + (f"@{mode}" if mode else "")
+
+
+def build(name: str, arch: str) -> tuple[nn.Module, str | None]:
+    """The model of variant ``name`` and its torch.compile mode (None: eager); compiled by the caller."""
+    base, _, mode = name.partition("@")
+    eager = variants(arch)
+    if base not in eager or (mode and mode not in COMPILE_MODES[1:]):
+        raise SystemExit(f"unknown variant {name!r}; allowed: {', '.join(eager)}, each optionally @MODE with MODE "
+                         f"one of {', '.join(COMPILE_MODES[1:])}")  # fmt: skip
+    return eager[base](), mode or None
+
+
+class FirstStepTooLong(BaseException):  # not an Exception: dynamo must not swallow it
+    pass
+
+
+def _time_limit(seconds: float):
+    """SIGALRM raises FirstStepTooLong in the main thread after ``seconds`` (0: no limit)."""
+
+    def expire(*_):
+        raise FirstStepTooLong
+
+    signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0))
 
 
 def keep_freed_memory() -> None:
@@ -113,7 +169,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--only", nargs="*", help="subset of variants")
+    parser.add_argument("--only", nargs="*", help="subset of variants (NAME or NAME@MODE); 'none' is always measured")
+    parser.add_argument("--json", type=Path, help="also write every figure to this file")
+    parser.add_argument("--first-step-limit", type=float, default=0, help="seconds; drop a variant past it (0: none)")
     parser.add_argument("--keep-freed-memory", action="store_true", help="CPU: no page faults for large tensors")
     parser.add_argument(
         "--measure", choices=["both", "train", "infer"], default="both", help="time training steps, inference or both"
@@ -128,17 +186,25 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 1000, (args.batch,), device=device)
-    builders = {k: v for k, v in variants(args.arch).items() if not args.only or k in args.only or k == "none"}
-    models = {k: b().to(device).to(memory_format=fmt) for k, b in builders.items()}
+    names = ["none", *(n for n in (args.only or DEFAULT_VARIANTS) if n != "none")]
+    names = [default_cbam(device) if n == "cbam (default)" else n for n in names]
+    names = list(dict.fromkeys(names))
+    models, modes = {}, {}
+    for name in names:
+        model, modes[name] = build(name, args.arch)
+        models[name] = model.to(device).to(memory_format=fmt)
     optims = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
+    runners = {k: torch.compile(m, mode=modes[k]) if modes[k] else m for k, m in models.items()}
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
     def train_step(name):
-        m, opt = models[name], optims[name]
-        m.train()
+        m, opt = runners[name], optims[name]
+        models[name].train()
+        if modes[name] in ("reduce-overhead", "max-autotune"):  # CUDA graphs: a new step's outputs
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = nn.functional.cross_entropy(m(x), y)
         opt.zero_grad(set_to_none=True)
@@ -149,7 +215,7 @@ def main(argv=None) -> int:
     def infer(name):
         models[name].eval()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            models[name](x)
+            runners[name](x)
 
     def timed(fn, name):
         sync()
@@ -157,8 +223,6 @@ def main(argv=None) -> int:
         fn(name)
         sync()
         return time.perf_counter() - tic
-
-    names = list(models)
 
     def rotated(rep: int) -> list[str]:
         """Each repetition starts one variant later: what runs before a variant (allocator and cache
@@ -169,6 +233,28 @@ def main(argv=None) -> int:
     kinds = {"train": train_step, "infer": infer}
     if args.measure != "both":
         kinds = {args.measure: kinds[args.measure]}
+    first_step, dropped = {}, {}
+    for name in list(names):  # the first step of each variant alone: compilation is not a step's time
+        tic = time.perf_counter()
+        try:
+            _time_limit(args.first_step_limit)
+            for fn in kinds.values():
+                fn(name)
+            sync()
+        except FirstStepTooLong:
+            dropped[name] = f"first step ran past {args.first_step_limit:.0f} s"
+        except Exception as err:  # a variant that cannot run here (a compile error, say) is reported, not fatal
+            dropped[name] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        first_step[name] = time.perf_counter() - tic
+        print(f"first step of {name}: {first_step[name]:.1f} s", file=sys.stderr, flush=True)
+        if name in dropped:
+            if name == "none":
+                raise SystemExit(f"the baseline failed: {dropped[name]}")
+            print(f"dropped {name}: {dropped[name]}", file=sys.stderr)
+            names.remove(name)
+            del models[name], runners[name], optims[name]
     for rep in range(args.warmup):
         for name in rotated(rep):
             for fn in kinds.values():
@@ -178,8 +264,18 @@ def main(argv=None) -> int:
         for name in rotated(rep):
             for kind, fn in kinds.items():
                 times[name][kind].append(timed(fn, name))
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        memory = {name: saved_bytes(models[name].train(), x, y) for name in models}
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):  # eager models: autograd's view
+        memory = {name: saved_bytes(models[name].train(), x, y) for name in models if not modes[name]}
+    peak = {}
+    if device.type == "cuda" and "train" in kinds:
+        for name in names:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            held = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            train_step(name)
+            torch.cuda.synchronize()
+            peak[name] = torch.cuda.max_memory_allocated() - held
 
     def seconds(name: str, kind: str) -> str:
         return f"{statistics.median(times[name][kind]):.4f}" if kind in kinds else "-"
@@ -197,14 +293,45 @@ def main(argv=None) -> int:
     print(f"{args.arch}, {args.image_size}x{args.image_size}, batch {args.batch}, {dev}, amp={args.amp}, "
           f"channels_last={args.channels_last}, keep_freed_memory={args.keep_freed_memory}, median of {args.reps}, "
           f"torch {torch.__version__}\n")  # fmt: skip
+    if args.json:
+        figures = {}
+        for name in names:
+            figures[name] = _figures(times[name], times["none"], args.batch, first_step[name], memory.get(name),
+                                     memory["none"], peak.get(name), peak.get("none"))  # fmt: skip
+            same_mode = f"none@{modes[name]}"
+            if modes[name] and same_mode in names:  # also against no attention compiled the same way
+                figures[name]["vs " + same_mode] = _figures(
+                    times[name], times[same_mode], args.batch, first_step[name], None, None, peak.get(name),
+                    peak.get(same_mode),
+                )  # fmt: skip
+        meta = {k: v for k, v in vars(args).items() if k not in ("json", "only")}
+        meta.update(device_name=dev, torch=torch.__version__, default_cbam=default_cbam(device))
+        args.json.write_text(json.dumps({"meta": meta, "variants": figures, "dropped": dropped}, indent=2))
     print("| variant | train step (s) | train ratio | quartiles | 95% CI | inference (s) | inference ratio "
           "| quartiles | 95% CI | saved MiB | saved ratio |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name in models:
-        saved = f"{memory[name] / 2**20:.1f} | {memory[name] / memory['none']:.3f}x"
+    for name in names:
+        saved = f"{memory[name] / 2**20:.1f} | {memory[name] / memory['none']:.3f}x" if name in memory else "- | -"
         print(f"| {name} | {seconds(name, 'train')} | {ratio(name, 'train')} | {seconds(name, 'infer')} | "
               f"{ratio(name, 'infer')} | {saved} |")  # fmt: skip
     return 0
+
+
+def _figures(times, base, batch, first_step, saved, saved_base, peak, peak_base) -> dict:
+    """One variant's figures for ``--json``: medians, ratios to no attention with quartiles and 95% CI."""
+    out = {"first_step_s": first_step}
+    for kind, ts in times.items():
+        ratios = sorted(t / b for t, b in zip(ts, base[kind], strict=True))
+        q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+        out[kind] = {
+            "median_s": statistics.median(ts), "img_per_s": batch / statistics.median(ts),
+            "ratio": statistics.median(ratios), "quartiles": [q1, q3], "ci95": list(median_ci(ratios)),
+        }  # fmt: skip
+    if saved is not None:
+        out["saved_mib"], out["saved_ratio"] = saved / 2**20, saved / saved_base
+    if peak is not None:
+        out["peak_step_mib"], out["peak_ratio"] = peak / 2**20, peak / peak_base
+    return out
 
 
 if __name__ == "__main__":

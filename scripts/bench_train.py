@@ -30,7 +30,8 @@ from omegaconf import open_dict  # noqa: E402
 
 from cbam.config import register_configs, to_container  # noqa: E402
 from cbam.data import build_batches  # noqa: E402
-from cbam.trainer import AMP_DTYPES, autocast, build_model, ns, resolve_device  # noqa: E402
+from cbam.device import amp_dtype, autocast, resolve_device  # noqa: E402
+from cbam.trainer import build_model, ns  # noqa: E402
 
 
 def bare_loop(config: dict, steps: int) -> float:
@@ -45,7 +46,7 @@ def bare_loop(config: dict, steps: int) -> float:
     batches = train.batches(0)
 
     def step(x, y):
-        with autocast(device, AMP_DTYPES[t["amp"]]):
+        with autocast(device, amp_dtype(t["amp"], device)):
             loss = torch.nn.functional.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,0 +1,75 @@
+"""The training device and what the trainer's ``auto`` settings mean on it.
+
+Each per-device default is the one that measured fastest on that kind of device while training to
+the same accuracy (docs/performance.md); every one is a single setting away:
+
+- ``trainer.amp=auto``: bf16 autocast on CUDA (where the GPU supports it), float32 on the CPU.
+- ``trainer.tf32=true``: TF32 tensor cores for float32 matmuls and convolutions on CUDA.
+- ``trainer.compile=null`` (auto): ``torch.compile`` of the whole model in the mode of
+  ``AUTO_COMPILE_MODE`` for the device type, none where the device type is absent from it.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from . import distributed as dist
+from .errors import UserError
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_CHOICES = ("auto", *AMP_DTYPES)
+
+# torch.compile modes, for trainer.compile_mode (auto: AUTO_COMPILE_MODE's, else "default").
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+
+# trainer.compile=null: device type -> the torch.compile mode that measured fastest there.
+AUTO_COMPILE_MODE: dict[str, str] = {"cuda": "default"}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: this process's GPU (its local rank's) when CUDA is available, else the CPU."""
+    if name == "auto":
+        return torch.device(f"cuda:{dist.local_rank()}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"trainer.device={name} but no CUDA device is available; use trainer.device=cpu or auto")
+    return device
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``trainer.amp`` on ``device`` (None: float32)."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    dtype = AMP_DTYPES[amp]
+    if dtype is torch.float16 and device.type != "cuda":
+        raise UserError("trainer.amp=fp16 needs CUDA; use trainer.amp=bf16, auto or none on the CPU")
+    return dtype
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed precision when ``dtype`` is set, a no-op context otherwise."""
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def set_tf32(device: torch.device, enabled: bool) -> None:
+    """TF32 tensor cores for float32 matmuls and convolutions on CUDA (no effect elsewhere)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
+def compile_mode(compile: bool | None, mode: str, device: torch.device) -> str | None:
+    """The ``torch.compile`` mode to train with, or None for eager mode.
+
+    ``compile``: True, False or None (auto: ``AUTO_COMPILE_MODE`` of the device type); ``mode``: one of
+    ``COMPILE_MODES``, where "auto" takes the device type's measured mode, else "default"."""
+    if compile is None:
+        chosen = AUTO_COMPILE_MODE.get(device.type)
+        if chosen is None:
+            return None
+        return chosen if mode == "auto" else mode
+    if not compile:
+        return None
+    return AUTO_COMPILE_MODE.get(device.type, "default") if mode == "auto" else mode

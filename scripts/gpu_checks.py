@@ -1,0 +1,200 @@
+#!/usr/bin/env python
+"""The GPU check: every figure that decides the CUDA defaults, measured in one command, into one JSON file.
+
+    python scripts/gpu_checks.py --out gpu-checks            # on a CUDA machine (scripts/gpu_checks.sh sets it up)
+    python scripts/gpu_checks.py --cpu --out /tmp/checks     # the same steps at toy sizes on the CPU (tests)
+
+Steps, each a separate process under a hard time limit (its whole process group is killed past it), each
+adding its figures to ``<out>/gpu_checks.json`` as soon as it ends, so that a step that fails or runs
+out of time loses only its own figures:
+
+1. ``environment``: torch, Triton, timm and the GPU.
+2. ``train_step``: ``scripts/bench_attention.py`` on ResNet-50 at 224x224, bf16 autocast, channels_last,
+   batch 256, in one process, interleaved: training images/s and peak step memory of no attention, the
+   default CBAM, CBAM's reference eager and under ``torch.compile`` (default mode and CUDA graphs), the
+   fused Function, and timm's ``resnet50`` with CBAM eager and compiled. Each variant's first step
+   (compilation) is timed apart.
+3. ``quickstart``: ``train.py experiment=quickstart`` with the defaults (no flag), then with each other
+   candidate (eager reference, whole-model compile, CUDA graphs, fused): ``train_img_per_s``, top-1,
+   warm-up and wall time from each run's results.json.
+4. ``cuda_tests``: ``pytest -m cuda`` (the fused kernels compiled by Triton against the reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Quickstart candidates: name -> train.py overrides. The defaults run first, with no override, in place
+# of the candidate that they equal (``default_candidate``).
+CANDIDATES = {
+    "eager reference": ["trainer.compile=false", "attention.impl=reference"],
+    "compile default": ["trainer.compile=true", "trainer.compile_mode=default", "attention.impl=reference"],
+    "compile reduce-overhead": [
+        "trainer.compile=true",
+        "trainer.compile_mode=reduce-overhead",
+        "attention.impl=reference",
+    ],  # fmt: skip
+    "fused": ["trainer.compile=false", "attention.impl=fused", "trainer.epochs=1"],  # throughput only
+}
+# Whole-model compilation in default mode only: CUDA graphs matter for small, launch-bound models (the quickstart).
+TRAIN_STEP_VARIANTS = [
+    "none", "cbam (default)", "cbam (reference)", "none@default", "cbam (reference)@default", "timm {arch}-cbam",
+    "timm {arch}-cbam@default", "cbam (fused)",
+]  # fmt: skip
+
+
+def run_step(name: str, cmd: list[str], limit: float, log_dir: Path, env: dict | None = None) -> dict:
+    """Run ``cmd`` in its own process group under a hard limit; its output goes to ``<log_dir>/<name>.log``."""
+    log_path = log_dir / (re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") + ".log")
+    tic = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = None
+    status = "ok" if rc == 0 else ("timed out" if rc is None else f"exit {rc}")
+    print(f"[{name}] {status} in {time.perf_counter() - tic:.0f} s", flush=True)
+    return {"status": status, "seconds": round(time.perf_counter() - tic, 1), "log": log_path.name}
+
+
+def environment() -> dict:
+    import torch
+
+    info = {"torch": torch.__version__, "python": platform.python_version(), "cuda": torch.version.cuda}
+    for module in ("triton", "timm", "torchvision"):
+        try:
+            info[module] = __import__(module).__version__
+        except ImportError:
+            info[module] = None
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, check=False)  # fmt: skip
+        info["driver"] = smi.stdout.strip() or None
+    else:
+        info["cpu"] = platform.processor() or platform.machine()
+        info["cpu_threads"] = torch.get_num_threads()
+    return info
+
+
+def default_candidate(device_type: str) -> str:
+    """The candidate that the defaults (impl=auto, trainer.compile=null) amount to on the device."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from cbam.device import compile_mode
+    from cbam.fused import auto_uses_fused
+
+    mode = compile_mode(None, "auto", torch.device(device_type))
+    if mode is not None:
+        return f"compile {mode}"
+    return "fused" if auto_uses_fused(device_type) else "eager reference"
+
+
+def quickstart_overrides(cpu: bool, data_root: str | None) -> list[str]:
+    if cpu:  # seconds: the smoke recipe, two steps of one epoch
+        return ["experiment=smoke", "model.width=0.25", "trainer.epochs=1", "trainer.limit_train_batches=4",
+                "trainer.limit_val_batches=1", "trainer.device=cpu"]  # fmt: skip
+    return ["experiment=quickstart", *([f"data.root={data_root}"] if data_root else [])]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("gpu-checks"))
+    parser.add_argument("--cpu", action="store_true", help="toy sizes on the CPU: checks that the steps run")
+    parser.add_argument("--data-root", help="Fashion-MNIST folder for the quickstart (default: its usual lookup)")
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--reps", type=int, default=10, help="timed repetitions of the training-step benchmark")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["train_step", "quickstart", "cuda_tests"])
+    parser.add_argument("--variants", nargs="*", help="train_step variants (default: all of TRAIN_STEP_VARIANTS)")
+    parser.add_argument("--candidates", nargs="*", help="quickstart runs: 'defaults' and names of CANDIDATES")
+    args = parser.parse_args(argv)
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    report_path = out / "gpu_checks.json"
+    report = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "mode": "cpu" if args.cpu else "cuda"}
+
+    def save():
+        tmp = report_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(report, indent=2))
+        os.replace(tmp, report_path)
+
+    report["environment"] = environment()
+    save()
+    py = sys.executable
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+
+    if "train_step" not in args.skip:
+        bench_json = Path(tempfile.mkdtemp()) / "train_step.json"
+        arch, size, batch, device = (
+            ("resnet18", "32", "2", "cpu") if args.cpu else (args.arch, "224", "256", "cuda")
+        )  # fmt: skip
+        variants = [v.format(arch=arch) for v in (args.variants or TRAIN_STEP_VARIANTS)]
+        if args.cpu:  # CUDA graphs need CUDA
+            variants = [v for v in variants if "reduce-overhead" not in v]
+        cmd = [py, "scripts/bench_attention.py", "--arch", arch, "--image-size", size, "--batch", batch, "--device",
+               device, "--measure", "train", "--reps", str(2 if args.cpu else args.reps), "--warmup", "1",
+               "--first-step-limit", "120", "--json", str(bench_json), "--only", *variants]  # fmt: skip
+        if not args.cpu:
+            cmd += ["--amp", "bf16", "--channels-last"]
+        report["train_step"] = run_step("train_step", cmd, 300 if args.cpu else 210, out, env)
+        if bench_json.exists():
+            report["train_step"].update(json.loads(bench_json.read_text()))
+        save()
+
+    if "quickstart" not in args.skip:
+        report["quickstart"] = {}
+        default = default_candidate("cpu" if args.cpu else "cuda")
+        runs = {f"defaults (= {default})": [], **{k: v for k, v in CANDIDATES.items() if k != default}}
+        if args.candidates:
+            runs = {k: v for k, v in runs.items() if k.split(" (")[0] in args.candidates}
+        if args.cpu:
+            runs = {k: v for k, v in runs.items() if "reduce-overhead" not in k}
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, overrides in runs.items():
+                run_dir = Path(tmp) / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+                cmd = [py, "train.py", *quickstart_overrides(args.cpu, args.data_root), *overrides,
+                       f"hydra.run.dir={run_dir}"]  # fmt: skip
+                entry = run_step(
+                    "quickstart " + name, cmd, 150 if args.cpu else (60 if name == "fused" else 90), out, env
+                )
+                results = run_dir / "results.json"
+                if results.exists():
+                    r = json.loads(results.read_text())
+                    entry.update({k: r[k] for k in ("top1", "top5", "train_img_per_s", "warmup_s", "train_s", "wall_s",
+                                                    "epochs")})  # fmt: skip
+                    entry["settings"] = r["settings"]
+                report["quickstart"][name] = entry
+                save()
+
+    if "cuda_tests" not in args.skip and not args.cpu:
+        cmd = [py, "-m", "pytest", "-q", "-rs", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_fused.py"]
+        report["cuda_tests"] = run_step("cuda_tests", cmd, 75, out, env)
+        save()
+
+    report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    save()
+    failed = [k for k, v in report.items() if isinstance(v, dict) and v.get("status", "ok") != "ok"]
+    failed += [f"quickstart {k}" for k, v in report.get("quickstart", {}).items() if v["status"] != "ok"]
+    print(f"figures in {report_path}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
