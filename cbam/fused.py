@@ -248,7 +248,10 @@ def _hw_tile(x: torch.Tensor) -> int:
     n, c, h, w = x.shape
     if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
         return 1
-    return next((rows for rows in (7, 8, 6, 5, 4) if h * w % rows == 0 and h * w > rows), 1)
+    for rows in (7, 8, 6, 5, 4):  # a loop, not next(generator): dynamo before torch 2.5 cannot trace that
+        if h * w % rows == 0 and h * w > rows:
+            return rows
+    return 1
 
 
 def _reduce_hw(t: torch.Tensor, op, tile: int) -> torch.Tensor:

@@ -1,0 +1,85 @@
+"""Compilation never hurts a run: unknown inductor options are left out, a compiler that fails falls
+back to the reference with one warning, and the reference stays correct under torch.compile."""
+
+import sys
+
+import pytest
+import torch
+
+from cbam import fused as fused_mod
+from helpers import ROOT, TINY, results, run
+from models import create_model
+
+SMOKE = ["experiment=smoke", *TINY, "trainer.epochs=1", "trainer.image_every=0"]
+
+# train.py in a process whose torch.compile raises, as a broken toolchain would.
+BROKEN_COMPILER = f"""
+import runpy, sys, torch
+def broken_compile(*args, **kwargs):
+    raise RuntimeError("simulated compiler failure")
+torch.compile = broken_compile
+sys.argv = [{str(ROOT / "train.py")!r}, *sys.argv[1:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_unknown_inductor_options_are_left_out(monkeypatch):
+    """An option that this torch's inductor lacks (they come and go between releases) is not passed."""
+    monkeypatch.setitem(fused_mod._ONE_PASS, "an_option_no_inductor_has", 1)
+    options = fused_mod.inductor_options()
+    assert "an_option_no_inductor_has" not in options
+    from torch._inductor import config
+
+    assert options and all(hasattr(config, k) for k in options)
+
+
+@pytest.mark.parametrize("compile_overrides", [[], ["trainer.compile=true"]], ids=["fused graphs", "whole model"])
+def test_failing_compiler_falls_back_to_the_reference(tmp_path, compile_overrides):
+    """torch.compile raises: training completes with one warning and the reference's numbers."""
+    script = tmp_path / "broken_compiler.py"
+    script.write_text(BROKEN_COMPILER)
+    env_run = run("train.py", f"hydra.run.dir={tmp_path / 'reference'}", *SMOKE, "attention.impl=reference")
+    assert env_run.returncode == 0
+    proc = run_with(script, tmp_path / "broken", *SMOKE, *compile_overrides)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text
+    what = "torch.compile of the model failed" if compile_overrides else "fused CBAM: its tail_forward graph could not"
+    assert text.count(what) == 1, text
+    assert "simulated compiler failure" in text
+    ours, reference = results(tmp_path / "broken"), results(tmp_path / "reference")
+    assert ours["history"] == reference["history"]
+    assert ours["settings"]["compile"] == "off" and ours["settings"]["attention_impl"] == "reference"
+
+
+def run_with(script, run_dir, *overrides):
+    import os
+    import subprocess
+
+    env = dict(os.environ, CBAM_FUSED_KERNELS="compiled", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, str(script), f"hydra.run.dir={run_dir}", *overrides], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+def _grads(model, x, y, compiled: bool, dtype=None):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        loss = torch.nn.functional.cross_entropy((torch.compile(model) if compiled else model)(x), y)
+    loss.backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["spatial", "cbam"])
+def test_gradients_under_torch_compile(preset):
+    """Inductor found amax's ties by comparing an input it recomputed at a higher precision than the
+    saved max: with bf16 autocast no position matched and every gradient was NaN ("spatial" on the CPU,
+    CBAM on CUDA). Compiled, the max's gradient is routed by index: finite in bf16, and in float32
+    (no ties in random data) the eager reference's gradients."""
+    torch.manual_seed(0)
+    model = create_model("resnet18", 10, {"preset": preset, "impl": "reference"}, in_chans=1, stem="cifar", width=0.25)
+    model = model.to(memory_format=torch.channels_last).eval()  # running BN statistics: each pass sees one model
+    x = torch.randn(16, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (16,))
+    assert all(torch.isfinite(g).all() for g in _grads(model, x, y, compiled=True, dtype=torch.bfloat16))
+    for compiled, eager in zip(_grads(model, x, y, True), _grads(model, x, y, False), strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-5)

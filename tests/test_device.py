@@ -1,0 +1,39 @@
+"""The trainer's per-device defaults (cbam/device.py) and their config keys."""
+
+import pytest
+import torch
+
+from cbam.device import AUTO_COMPILE_MODE, amp_dtype, compile_mode
+from cbam.errors import UserError
+from helpers import TINY, results, train
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def test_auto_amp_is_float32_on_the_cpu():
+    assert amp_dtype("auto", CPU) is None
+    assert amp_dtype("bf16", CPU) is torch.bfloat16
+    with pytest.raises(UserError, match="fp16 needs CUDA"):
+        amp_dtype("fp16", CPU)
+
+
+def test_compile_choice():
+    assert compile_mode(None, "auto", CPU) is None  # the CPU trains eagerly (fused attention) by default
+    assert compile_mode(None, "auto", CUDA) == AUTO_COMPILE_MODE["cuda"] == "reduce-overhead"
+    assert compile_mode(None, "auto", CUDA, processes=2) is None  # not measured with several processes
+    assert compile_mode(None, "default", CUDA) == "default"
+    assert compile_mode(False, "auto", CUDA) is None
+    assert compile_mode(True, "auto", CPU) == "default"
+    assert compile_mode(True, "max-autotune", CPU) == "max-autotune"
+
+
+def test_run_records_what_auto_resolved_to(tmp_path):
+    train(tmp_path, "experiment=smoke", *TINY, "trainer.epochs=1", "trainer.image_every=0", "trainer.device=cpu")
+    assert results(tmp_path)["settings"] == {"amp": "float32", "tf32": False, "compile": "off",
+                                             "attention_impl": "fused"}  # fmt: skip
+
+
+def test_bad_compile_mode_is_refused(tmp_path):
+    proc = train(tmp_path, "experiment=smoke", "trainer.compile_mode=fastest", check=False)
+    assert proc.returncode != 0
+    assert "fastest" in proc.stdout + proc.stderr and "reduce-overhead" in proc.stdout + proc.stderr
