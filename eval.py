@@ -13,13 +13,14 @@ import time
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cbam.config import register_configs
 from cbam.errors import UserError
 
-register_configs()
+register_configs("eval")
 log = logging.getLogger("cbam")
+USAGE = "python eval.py checkpoint=PATH [batch_size=N] [device=auto|cpu|cuda] [data_root=PATH] [output=FILE.json]"
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict:
@@ -34,6 +35,9 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     path = Path(cfg.checkpoint)
     ckpt = ckpt_io.load(path)
     config = ckpt["config"]
+    if cfg.data_root is not None and not Path(cfg.data_root).is_dir():
+        raise UserError(f"data_root={cfg.data_root!r} is not a folder. Fix: pass the folder that holds the data now, "
+                        "or leave data_root out to use the training run's")  # fmt: skip
     data = dict(config["data"], root=cfg.data_root or config["data"]["root"])
     trainer = config["trainer"]
     device = resolve_device(cfg.device)
@@ -60,8 +64,11 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     }  # fmt: skip
 
 
-@hydra.main(config_path="configs", config_name="eval", version_base="1.3")
+@hydra.main(config_path="configs/eval", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    if OmegaConf.is_missing(cfg, "checkpoint"):
+        log.error("error: no checkpoint given. Usage: %s", USAGE)
+        sys.exit(2)
     try:
         results = evaluate_checkpoint(cfg)
     except UserError as exc:

@@ -1,24 +1,31 @@
 #!/usr/bin/env python
 """Train a classifier: ``python train.py model=resnet50 attention=cbam data=imagenet data.root=/data``.
 
-See ``configs/train.yaml`` for every option and ``configs/experiment/`` for named recipes.
+See ``configs/train.yaml`` for every option and ``configs/experiment/`` for named recipes. Each run
+folder gets a ``status.json`` (finished, stopped or failed, with the reason). A single run that fails
+on bad input prints one message and exits 2; in a multirun (``-m``) a failing job is recorded and the
+sweep goes on, and the command exits 1 at the end if any job failed.
 """
 
 import logging
 import os
+import signal
 import sys
+import traceback
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from cbam import sweep
 from cbam.config import register_configs, to_container
-from cbam.errors import UserError
+from cbam.errors import RunFolderInUse, UserError
 
 register_configs()
 log = logging.getLogger("cbam")
 
-if os.environ.get("RANK", "0") != "0":  # torchrun: only rank 0 writes the run's config and log files
+if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) != "0":  # only rank 0 writes config and log files
     sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
 
 
@@ -26,20 +33,49 @@ if os.environ.get("RANK", "0") != "0":  # torchrun: only rank 0 writes the run's
 def main(cfg: DictConfig) -> float | None:
     from cbam.trainer import StopNow, StopRequest, Trainer  # after Hydra has parsed the command line: fast --help
 
+    hydra_cfg = HydraConfig.get()
+    run_dir, in_sweep = hydra_cfg.runtime.output_dir, hydra_cfg.mode == RunMode.MULTIRUN
     config = to_container(cfg)
     # Installed before the trainer loads data and builds the model, so that a signal then stops the run too.
     with StopRequest(config["trainer"]["stop_grace_s"]) as stop:
         try:
-            results = Trainer(config, HydraConfig.get().runtime.output_dir, stop).run()
+            results = Trainer(config, run_dir, stop).run()
         except StopNow:
             log.warning("stopped before training began; nothing to save")
-            return None
-        except UserError as exc:
+            results = None
+        except RunFolderInUse as exc:  # another run's folder: write nothing there
+            if in_sweep:
+                sweep.record_failure(run_dir, "bad input", str(exc))
+                return None
             log.error("error: %s", exc)
             sys.exit(2)
+        except UserError as exc:
+            kind = "non-finite" if type(exc).__name__ == "NonFiniteError" else "bad input"
+            if in_sweep:
+                sweep.record_failure(run_dir, kind, str(exc))
+                return None
+            sweep.write_status(run_dir, "failed", kind, str(exc))
+            log.error("error: %s", exc)
+            sys.exit(2)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            if in_sweep:
+                log.error("%s", traceback.format_exc())
+                sweep.record_failure(run_dir, "crash", reason)
+                return None
+            sweep.write_status(run_dir, "failed", "crash", reason)
+            raise
+    sweep.write_status(run_dir, "stopped" if results is None else "finished")
+    if stop.signum == signal.SIGUSR1 and os.environ.get("RANK", "0") == "0":  # SLURM's warning: requeue the job
+        from cbam.distributed import requeue_slurm_job
+
+        requeued = requeue_slurm_job()
+        log.warning("SIGUSR1: %s", "job requeued; it continues with resume=auto" if requeued else
+                    "not requeued (no SLURM job, or scontrol refused)")  # fmt: skip
     # The return value is what a Hydra sweeper optimises.
     return None if results is None else results["top1"]
 
 
 if __name__ == "__main__":
     main()
+    sys.exit(sweep.exit_code())

@@ -159,11 +159,13 @@ class EvalConfig:
     limit_val_batches: int = 0
 
 
-def register_configs() -> None:
-    """Register the schemas; YAML files name them in their defaults list (``base_<group>``)."""
+def register_configs(app: str = "train") -> None:
+    """Register the schemas of ``app`` (train | eval); YAML files name them in their defaults list."""
     cs = ConfigStore.instance()
+    if app == "eval":
+        cs.store(name="base_eval", node=EvalConfig)
+        return
     cs.store(name="base_train", node=TrainConfig)
-    cs.store(name="base_eval", node=EvalConfig)
     for group, node in [
         ("model", ModelConfig),
         ("attention", AttentionConfig),

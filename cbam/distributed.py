@@ -1,15 +1,43 @@
-"""Distributed data parallel with ``torchrun``: process-group setup and metric reduction."""
+"""Distributed data parallel: process-group setup from torchrun's or SLURM's environment, and metric reduction."""
 
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 
 import torch
 import torch.distributed as dist
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM host list: "gpu[07-09,12],cpu1" -> "gpu07" (what ``scontrol show
+    hostnames`` prints first; written here because no scontrol runs outside a SLURM cluster)."""
+    head = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if head is None:
+        raise ValueError(f"cannot read the SLURM host list {nodelist!r}")
+    prefix, ranges = head.groups()
+    return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "")
+
+
+def slurm_to_torchrun_env(environ=os.environ) -> bool:
+    """In a task that ``srun`` started (SLURM_PROCID set, no torchrun), set torchrun's variables
+    (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from SLURM's, multi-node included: the
+    rendezvous is the job's first host (or MASTER_ADDR if set), the port MASTER_PORT or one derived
+    from the job id. Returns whether it did."""
+    if "WORLD_SIZE" in environ or "SLURM_PROCID" not in environ or "SLURM_NTASKS" not in environ:
+        return False
+    environ["RANK"], environ["WORLD_SIZE"] = environ["SLURM_PROCID"], environ["SLURM_NTASKS"]
+    environ["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in environ:
+        environ["MASTER_ADDR"] = first_host(environ.get("SLURM_JOB_NODELIST") or environ["SLURM_NODELIST"])
+    environ.setdefault("MASTER_PORT", str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000))
+    return True
+
+
 def init_from_env(device: torch.device) -> tuple[int, int]:
-    """(rank, world size); joins the process group when started by ``torchrun``."""
+    """(rank, world size); joins the process group when started by ``torchrun`` or as SLURM tasks."""
+    slurm_to_torchrun_env()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return 0, 1
@@ -19,11 +47,17 @@ def init_from_env(device: torch.device) -> tuple[int, int]:
 
 
 def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
 
 
-def is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+def requeue_slurm_job() -> bool:
+    """``scontrol requeue`` this SLURM job (after a preemption signal and its checkpoint); False when not
+    under SLURM or when scontrol refuses."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job is None:
+        return False
+    proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, check=False)
+    return proc.returncode == 0
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
@@ -50,11 +84,6 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def cleanup() -> None:

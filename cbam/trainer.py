@@ -32,7 +32,7 @@ from . import checkpoint as ckpt_io
 from . import distributed as dist
 from .data import build_batches
 from .device import amp_dtype, autocast, compile_mode, resolve_device, set_tf32
-from .errors import UserError
+from .errors import RunFolderInUse, UserError
 from .fused import auto_uses_fused
 from .metrics import Meter
 from .modules import AttentionModule
@@ -137,16 +137,17 @@ class StopNow(BaseException):
 
 
 class StopRequest:
-    """SIGTERM / SIGINT ask the run to stop after the current step, so that the checkpoint resumes
-    bit-identically. If the run has not stopped ``grace_s`` seconds later (a cold compilation, a long
-    evaluation, data loading), the signal is delivered to the main thread again and raises
-    ``StopNow`` there, which interrupts blocking waits too; inside ``critical()`` (the optimizer update
-    and the bookkeeping after it, milliseconds) it waits for the section's end. A second SIGINT stops
-    at once (KeyboardInterrupt)."""
+    """SIGTERM / SIGINT / SIGUSR1 (SLURM's warning before preemption or the time limit) ask the run to
+    stop after the current step, so that the checkpoint resumes bit-identically. If the run has not
+    stopped ``grace_s`` seconds later (a cold compilation, a long evaluation, data loading), the
+    signal is delivered to the main thread again and raises ``StopNow`` there, which interrupts
+    blocking waits too; inside ``critical()`` (the optimizer update and the bookkeeping after it,
+    milliseconds) it waits for the section's end. A second SIGINT stops at once (KeyboardInterrupt)."""
 
     def __init__(self, grace_s: float = 10.0):
         self.grace_s = grace_s
         self.requested = False
+        self.signum: int | None = None  # the first stop signal
         self.overdue = False
         self.settled = False  # the stop is being carried out: further signals change nothing
         self._critical = 0
@@ -156,7 +157,7 @@ class StopRequest:
 
     def __enter__(self):
         if self._depth == 0:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                 self._previous[sig] = signal.signal(sig, self._handle)
         self._depth += 1
         return self
@@ -180,7 +181,7 @@ class StopRequest:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
             return
-        self.requested = True
+        self.requested, self.signum = True, signum
         log.warning("%s received: stopping after this step and writing a checkpoint (at most %.0f s)",
                     signal.Signals(signum).name, self.grace_s)  # fmt: skip
         self._timer = threading.Timer(self.grace_s, self._expire, args=(threading.main_thread().ident,))
@@ -276,10 +277,13 @@ class Trainer:
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.eager_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.compile_mode = compile_mode(self.t.compile, self.t.compile_mode, self.device)
+        self.compile_mode = compile_mode(self.t.compile, self.t.compile_mode, self.device, self.world_size)
         self.train_model = self.eager_model
         if self.compile_mode is not None:
-            self.train_model = torch.compile(self.eager_model, mode=self.compile_mode)
+            try:
+                self.train_model = torch.compile(self.eager_model, mode=self.compile_mode)
+            except Exception as err:  # as a failure in the first step: eager mode, one warning
+                self._compile_failed(err)
 
         # Progress: where the next step starts, and what has been measured so far.
         self.epoch, self.next_batch, self.global_step = 0, 0, 0
@@ -297,7 +301,7 @@ class Trainer:
         last = self.ckpt_dir / "last.pt"
         if resume is None:
             if last.exists():
-                raise UserError(
+                raise RunFolderInUse(
                     f"{self.run_dir} already holds a run ({last}); nothing was overwritten. Fix: pass resume=auto "
                     "to continue it, or choose another hydra.run.dir."
                 )
@@ -330,15 +334,19 @@ class Trainer:
         self.epoch, self.next_batch, self.global_step = p["epoch"], p["next_batch"], p["global_step"]
         self.best_top1, self.best_epoch, self.history = p["best_top1"], p["best_epoch"], p["history"]
         self.train_time, self.train_images, self.wall_before = p["train_time"], p["train_images"], p["wall_s"]
-        self.meter_state = ckpt.get("meter")
+        self.meter_state = ckpt.get("meter") if self.main else None  # the ranks' sums: counted once, on rank 0
         ckpt_io.set_rng_state(ckpt["rng"])
         log.info(
             "resumed from %s at epoch %d, batch %d (step %d)", path, self.epoch + 1, self.next_batch, self.global_step
         )
 
-    def _save(self, names: tuple[str, ...], meter: Meter | None) -> Path | None:
-        """Checkpoint under each of ``names`` (rank 0 only); refuses non-finite weights.
-        Returns the first file's path."""
+    def _save(self, names: tuple[str, ...], meter: Meter | None, all_ranks: bool = True) -> Path | None:
+        """Checkpoint under each of ``names`` (written by rank 0); refuses non-finite weights. A mid-epoch
+        checkpoint holds the epoch's meters summed over the ranks (every rank calls this, unless
+        ``all_ranks`` is False: then rank 0's alone). Returns the first file's path."""
+        meter_sums = None
+        if meter is not None:
+            meter_sums = dist.all_reduce_sum(meter.sums) if all_ranks else meter.sums
         if not self.main:
             return None
         for pname, p in self.model.named_parameters():
@@ -357,7 +365,7 @@ class Trainer:
                 "train_time": self.train_time, "train_images": self.train_images,
                 "wall_s": self.wall_before + time.time() - self.start_wall,
             },
-            "meter": meter.sums.cpu() if meter is not None else None,
+            "meter": meter_sums.cpu() if meter_sums is not None else None,
             "rng": ckpt_io.rng_state(),
         }  # fmt: skip
         with self.stop.critical():
@@ -380,10 +388,13 @@ class Trainer:
         except Exception as err:
             if self.train_model is self.eager_model:
                 raise
-            log.warning("torch.compile of the model failed (%s: %s); training continues in eager mode",
-                        type(err).__name__, str(err).splitlines()[0] if str(err) else "")  # fmt: skip
-            self.train_model, self.compile_mode = self.eager_model, None
+            self._compile_failed(err)
             return self._forward_backward_with(self.train_model, x, y)
+
+    def _compile_failed(self, err: Exception) -> None:
+        log.warning("torch.compile of the model failed (%s: %s); training continues in eager mode",
+                    type(err).__name__, str(err).splitlines()[0] if str(err) else "")  # fmt: skip
+        self.train_model, self.compile_mode = self.eager_model, None
 
     def _forward_backward_with(self, model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.compile_mode in ("reduce-overhead", "max-autotune"):  # CUDA graphs: a new step's outputs
@@ -444,7 +455,8 @@ class Trainer:
         self.stop.settle()
         where = "nothing new to save"
         if self.global_step > self.saved_step:
-            where = f"checkpoint {self._save(('last.pt',), self.meter)}"
+            # the ranks may be anywhere now: no collective, rank 0's meters alone
+            where = f"checkpoint {self._save(('last.pt',), self.meter, all_ranks=False)}"
         if self.main:
             log.warning("stopped in the middle of work (the step did not end within %.0f s): %s; continue with "
                         "resume=auto", self.stop.grace_s, where)  # fmt: skip

@@ -28,6 +28,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cbam.paper import find_row  # noqa: E402
+from cbam.sweep import read_status  # noqa: E402
 
 IGNORED = {"seed", "name", "resume", "paths.log_dir", "paths.output_dir"}
 PREFERRED = ("attention.name", "model.arch", "data.name")  # kept when another field says the same
@@ -38,7 +39,7 @@ class Run:
     path: Path
     config: dict
     results: dict | None
-    status: str  # finished | unfinished | failed
+    status: str  # finished | unfinished | stopped | failed [(kind: reason)]
 
 
 @dataclass
@@ -62,11 +63,17 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def read_run(path: Path) -> Run:
+    """A run folder: finished (results.json), failed (its status.json says why), stopped, or unfinished
+    (still running, or killed before it could record anything)."""
     config = yaml.safe_load((path / ".hydra" / "config.yaml").read_text())
     results_file = path / "results.json"
     if results_file.is_file():
         results = json.loads(results_file.read_text())
         return Run(path, config, results, "finished" if results.get("status") == "finished" else "failed")
+    status = read_status(path)
+    if status is not None and status["status"] != "finished":
+        reason = f" ({status['kind']}: {status['reason']})" if status["status"] == "failed" else ""
+        return Run(path, config, None, status["status"] + reason)
     log = path / "train.log"
     failed = log.is_file() and ("error:" in log.read_text() or "Traceback" in log.read_text())
     return Run(path, config, None, "failed" if failed else "unfinished")

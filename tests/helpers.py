@@ -26,6 +26,16 @@ def run(script: str, *overrides: str, check: bool = True, timeout: int = 600) ->
     return proc
 
 
+def torchrun(run_dir, *overrides):
+    """``train.py`` in two processes under ``torchrun`` (gloo on the CPU)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+           f"hydra.run.dir={run_dir}", *overrides]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
 def train(run_dir: Path, *overrides: str, **kwargs) -> subprocess.CompletedProcess:
     return run("train.py", f"hydra.run.dir={run_dir}", *overrides, **kwargs)
 
@@ -76,3 +86,27 @@ def write_image_folder(root: Path, classes: int = 2, per_class: int = 6, size: i
                 base = np.zeros((size, size + 8, 3)) + (255 * (c + 1) / (classes + 1))
                 img = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
                 Image.fromarray(img).save(folder / f"img_{i}.JPEG", quality=90)
+
+
+# The only checkpoint entries that may differ between two runs of the same training: durations and the images
+# they timed (each process leaves its first steps out), the run's folder and whether it was resumed.
+RUN_SPECIFIC = {"train_time", "wall_s", "train_images", "output_dir", "resume"}
+
+
+def assert_equal_tree(x, y, where="checkpoint"):
+    """Nested dicts, lists and tuples of tensors and plain values, equal element for element."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        assert isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y), where
+    elif isinstance(x, dict):
+        assert x.keys() == y.keys(), where
+        for k in x:
+            if k not in RUN_SPECIFIC:
+                assert_equal_tree(x[k], y[k], f"{where}[{k!r}]")
+    elif isinstance(x, (list, tuple)):
+        assert type(x) is type(y) and len(x) == len(y), where
+        for i, (u, v) in enumerate(zip(x, y, strict=True)):
+            assert_equal_tree(u, v, f"{where}[{i}]")
+    else:
+        assert x == y, f"{where}: {x!r} != {y!r}"

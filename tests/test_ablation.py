@@ -1,6 +1,7 @@
 """Paper-table sweeps launch exactly their variants; ablation_table.py summarises real multiruns."""
 
 import csv
+import json
 import statistics
 import subprocess
 import sys
@@ -53,7 +54,7 @@ def test_ablation_table_on_a_real_multirun(tmp_path):
                            "--out", str(out)], capture_output=True, text=True, cwd=ROOT, check=True)  # fmt: skip
     header = proc.stdout.splitlines()[0]
     assert "| attention |" in header and "| seed |" not in header and "| name |" not in header and "pool" not in header
-    assert f"failed: {failed}" in proc.stdout
+    assert "failed (non-finite: the loss is not finite at step" in proc.stdout and f"): {failed}" in proc.stdout
     table = list(csv.DictReader(open(out / "ablation.csv")))
     rows = {r["attention"]: r for r in table if r["seeds"] != "0"}
     assert [r["attention"] for r in table if r["seeds"] == "0"] == ["se"]  # the failed variant: listed, no mean
@@ -71,3 +72,27 @@ def test_ablation_table_on_a_real_multirun(tmp_path):
         assert float(row["top5_err"]) == pytest.approx(statistics.fmean(r["top5_err"] for r in rs))
         assert float(row["params_m"]) == pytest.approx(rs[0]["params"] / 1e6)
     assert (out / "ablation.png").stat().st_size > 10_000
+
+
+def test_failing_jobs_do_not_stop_a_sweep(tmp_path):
+    """Job 0 is refused (bad input), job 1 diverges (non-finite loss), job 2 trains: all three run, each
+    folder says how it ended, the end of the sweep lists the failures, the command exits 1."""
+    sweep = tmp_path / "sweep"
+    proc = run("train.py", "-m", "experiment=smoke", *TINY_SWEEP, "model.width=-1,0.25",
+               "optim.lr=0.1,1e30", f"hydra.sweep.dir={sweep}", check=False)  # fmt: skip
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 1, text
+    statuses = {job.name: json.loads((job / "status.json").read_text()) for job in sweep.iterdir() if job.is_dir()}
+    assert len(statuses) == 4, statuses  # width -1 (x2 lr) refused, width 0.25 with lr 1e30 diverges, one trains
+    kinds = sorted(s.get("kind", s["status"]) for s in statuses.values())
+    assert kinds == ["bad input", "bad input", "finished", "non-finite"], statuses
+    assert "3 job(s) of the sweep failed" in text and "Traceback" not in text
+    cmd = [sys.executable, str(ROOT / "scripts" / "ablation_table.py"), str(sweep), "--out", str(tmp_path / "r")]
+    report = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True)
+    assert report.stdout.count("- failed (") == 3
+
+
+def test_a_single_run_keeps_one_message_and_exit_code_2(tmp_path):
+    proc = run("train.py", "experiment=smoke", "model.width=-1", f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode == 2 and "model.width must be > 0" in proc.stdout + proc.stderr
+    assert json.loads((tmp_path / "status.json").read_text())["kind"] == "bad input"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cbam import checkpoint as ckpt_io
-from helpers import ROOT, TINY, results, train
+from helpers import ROOT, TINY, assert_equal_tree, results, torchrun, train
 
 # 4 epochs x 8 steps on synthetic data, a checkpoint every 3 steps.
 EXACT = ["experiment=smoke", *TINY, "trainer.epochs=4", "trainer.ckpt_every_steps=3", "trainer.image_every=0"]
@@ -33,12 +33,26 @@ def final_weights(run_dir):
 
 
 def assert_same_run(a, b):
-    wa, wb = final_weights(a), final_weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
+    """Everything in the final checkpoint (weights, optimizer, scaler, meters, RNG states, progress but its
+    durations) and the metrics equal the uninterrupted run's."""
+    ca, cb = (ckpt_io.load(run / "checkpoints" / "last.pt") for run in (a, b))
+    assert_equal_tree(ca, cb)
     ra, rb = results(a), results(b)
     assert ra["history"] == rb["history"] and ra["top1"] == rb["top1"]
+
+
+def test_checkpoints_follow_the_umask(reference_run, tmp_path):
+    """0644 under the usual umask 022, as any file (mkstemp alone makes them 0600)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for name in ("last.pt", "best.pt"):
+        assert (reference_run / "checkpoints" / name).stat().st_mode & 0o777 == 0o666 & ~mask
+    old = os.umask(0o027)
+    try:
+        ckpt_io.save_atomic({"x": 1}, tmp_path / "c.pt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c.pt").stat().st_mode & 0o777 == 0o640
 
 
 @pytest.fixture(scope="module")
@@ -194,15 +208,6 @@ def test_image_folder_with_wrong_layout_is_refused(tmp_path):
 
 
 # ---- torchrun ------------------------------------------------------------------------------------------
-def torchrun(run_dir, *overrides):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
-           f"hydra.run.dir={run_dir}", *overrides]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
-
-
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one_process(tmp_path):
     """Two epochs of the same global batch: 2 processes (gloo, synchronised BN) and 1 process agree to

@@ -8,7 +8,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cbam.data import load_cifar
 from conftest import needs_fmnist
-from helpers import TINY, results, run, train, write_cifar, write_image_folder
+from helpers import ROOT, TINY, results, run, train, write_cifar, write_image_folder
 
 SMOKE = ["experiment=smoke", *TINY]
 
@@ -70,6 +70,37 @@ def test_eval_reproduces_final_accuracy_exactly(smoke_run, tmp_path):
     assert ev["top1"] == r["top1"] and ev["top5"] == r["top5"] and ev["top1_err"] == r["top1_err"]
     assert ev["params"] == r["params"] and ev["gmacs"] == r["gmacs"] and ev["img_per_s"] > 0
     assert "top-1" in proc.stdout
+
+
+def test_eval_writes_nothing_into_the_current_folder(smoke_run, tmp_path):
+    """Its log goes to the console; its JSON beside the checkpoint unless output= says otherwise."""
+    import subprocess
+    import sys
+
+    ckpt = smoke_run / "checkpoints" / "last.pt"
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), f"checkpoint={ckpt}"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert list(tmp_path.iterdir()) == []
+    assert (ckpt.parent / "eval_last.json").is_file()
+
+
+def test_eval_refuses_bad_arguments_with_its_usage(smoke_run, tmp_path):
+    proc = run("eval.py", check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in text
+    assert "no checkpoint given. Usage: python eval.py checkpoint=PATH" in text
+    proc = run("eval.py", f"checkpoint={smoke_run / 'checkpoints' / 'last.pt'}", f"data_root={tmp_path / 'nowhere'}",
+               check=False)  # fmt: skip
+    assert proc.returncode == 2 and "is not a folder" in proc.stdout + proc.stderr
+
+
+def test_eval_help_lists_only_its_own_options():
+    text = run("eval.py", "--help").stdout
+    for option in ("checkpoint:", "batch_size:", "data_root:", "output:"):
+        assert option in text
+    for training_group in ("model:", "attention:", "optim:", "base_", "trainer"):
+        assert training_group not in text, text
 
 
 def test_resume_auto_continues_from_the_next_epoch(tmp_path):

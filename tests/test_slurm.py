@@ -1,0 +1,101 @@
+"""SLURM, simulated: the environment that ``srun`` gives two tasks of one job (no torchrun), preemption
+by SIGUSR1 with ``scontrol requeue``, and the requeued job's ``resume=auto``."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cbam import checkpoint as ckpt_io
+from cbam.distributed import first_host, slurm_to_torchrun_env
+from helpers import ROOT, TINY, assert_equal_tree, results, torchrun
+
+COMMON = ["experiment=smoke", *TINY, "trainer.sync_bn=true", "trainer.batch_size=64", "trainer.image_every=0",
+          "optim.lr=0.01"]  # fmt: skip
+
+
+def test_first_host_of_a_slurm_host_list():
+    assert first_host("gpu[07-09,12],cpu1") == "gpu07"
+    assert first_host("node3") == "node3"
+    assert first_host("a-b[001-004]") == "a-b001"
+
+
+def test_slurm_variables_become_torchrun_variables():
+    env = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123",
+           "SLURM_JOB_NODELIST": "gpu[07-08]"}  # fmt: skip
+    assert slurm_to_torchrun_env(env)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("9", "16", "1")
+    assert env["MASTER_ADDR"] == "gpu07" and env["MASTER_PORT"] == "20123"
+    torchrun_env = {"WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "8"}
+    assert not slurm_to_torchrun_env(torchrun_env) and torchrun_env["WORLD_SIZE"] == "2"
+
+
+def slurm_tasks(run_dir, *overrides, job_id: int, extra_env=None):
+    """Two train.py processes as the two tasks of one single-node SLURM job."""
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}  # fmt: skip
+    procs = []
+    for task in range(2):
+        env = dict(base, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", SLURM_PROCID=str(task), SLURM_NTASKS="2",
+                   SLURM_LOCALID=str(task), SLURM_NODEID="0", SLURM_JOB_ID=str(job_id), SLURM_JOB_NODELIST="localhost",
+                   SLURM_NNODES="1", **(extra_env or {}))  # fmt: skip
+        cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *overrides]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))  # fmt: skip
+    return procs
+
+
+def wait_all(procs, timeout=600):
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out
+    return outs
+
+
+def _job_id() -> int:
+    return random.randint(1000, 19000)  # its MASTER_PORT, 20000 + id, differs from run to run
+
+
+@pytest.mark.slow
+def test_two_slurm_tasks_train_like_torchrun(tmp_path):
+    torchrun(tmp_path / "torchrun", *COMMON)
+    wait_all(slurm_tasks(tmp_path / "slurm", *COMMON, job_id=_job_id()))
+    a, b = results(tmp_path / "torchrun"), results(tmp_path / "slurm")
+    assert a["history"] == b["history"] and b["steps"] == 2 * 8
+    last = [ckpt_io.load(d / "checkpoints" / "last.pt") for d in (tmp_path / "torchrun", tmp_path / "slurm")]
+    assert_equal_tree(last[0]["model"], last[1]["model"])
+    assert sorted(p.name for p in (tmp_path / "slurm" / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+
+
+@pytest.mark.slow
+def test_preemption_requeues_and_the_requeued_job_ends_like_an_uninterrupted_one(tmp_path):
+    exact = [*COMMON, "trainer.epochs=3"]
+    wait_all(slurm_tasks(tmp_path / "uninterrupted", *exact, job_id=_job_id()))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    scontrol.chmod(0o755)
+    path = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    job = _job_id()
+    procs = slurm_tasks(tmp_path / "preempted", *exact, job_id=job, extra_env=path)
+    deadline = time.time() + 300
+    while "epoch 2/3 step 2/8" not in (line := procs[0].stdout.readline()):  # mid-epoch 2 (logged every 5 steps)
+        assert (line or procs[0].poll() is None) and time.time() < deadline, "train.py ended early"
+    for p in procs:
+        p.send_signal(signal.SIGUSR1)
+    outs = wait_all(procs)
+    assert "job requeued" in outs[0]
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", str(job)]  # rank 0 only, once
+    assert not (tmp_path / "preempted" / "results.json").exists()
+    # the requeued job: same command (with resume=auto), SLURM_RESTART_COUNT=1
+    wait_all(slurm_tasks(tmp_path / "preempted", *exact, "resume=auto", job_id=job,
+                         extra_env={**path, "SLURM_RESTART_COUNT": "1"}))  # fmt: skip
+    a, b = results(tmp_path / "uninterrupted"), results(tmp_path / "preempted")
+    assert a["history"] == b["history"]
+    ca, cb = (ckpt_io.load(tmp_path / d / "checkpoints" / "last.pt") for d in ("uninterrupted", "preempted"))
+    assert_equal_tree(ca, cb)
