@@ -18,8 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from cbam.config import register_configs
 from cbam.errors import UserError
 
-register_configs("eval")
+register_configs("eval")  # its only config: the EvalConfig schema (no YAML folder, so --help lists no groups)
 log = logging.getLogger("cbam")
+# The console only, nothing written into the current folder (JSON beside the checkpoint unless output=).
+sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra.job.chdir=false"]
 USAGE = "python eval.py checkpoint=PATH [batch_size=N] [device=auto|cpu|cuda] [data_root=PATH] [output=FILE.json]"
 
 
@@ -64,7 +66,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     }  # fmt: skip
 
 
-@hydra.main(config_path="configs/eval", config_name="eval", version_base="1.3")
+@hydra.main(config_path=None, config_name="base_eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "checkpoint"):
         log.error("error: no checkpoint given. Usage: %s", USAGE)

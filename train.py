@@ -31,7 +31,7 @@ if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) != "0":  # only r
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    from cbam.trainer import StopNow, StopRequest, Trainer  # after Hydra has parsed the command line: fast --help
+    from cbam.trainer import PREEMPTION_SIGNALS, StopNow, StopRequest, Trainer  # after Hydra parsed the command line
 
     hydra_cfg = HydraConfig.get()
     run_dir, in_sweep = hydra_cfg.runtime.output_dir, hydra_cfg.mode == RunMode.MULTIRUN
@@ -66,12 +66,12 @@ def main(cfg: DictConfig) -> float | None:
             sweep.write_status(run_dir, "failed", "crash", reason)
             raise
     sweep.write_status(run_dir, "stopped" if results is None else "finished")
-    if stop.signum == signal.SIGUSR1 and os.environ.get("RANK", "0") == "0":  # SLURM's warning: requeue the job
+    if stop.signum in PREEMPTION_SIGNALS and os.environ.get("RANK", "0") == "0":  # SLURM's warning: requeue
         from cbam.distributed import requeue_slurm_job
 
         requeued = requeue_slurm_job()
-        log.warning("SIGUSR1: %s", "job requeued; it continues with resume=auto" if requeued else
-                    "not requeued (no SLURM job, or scontrol refused)")  # fmt: skip
+        log.warning("%s: %s", signal.Signals(stop.signum).name, "job requeued; it continues with resume=auto"
+                    if requeued else "not requeued (no SLURM job, or scontrol refused)")  # fmt: skip
     # The return value is what a Hydra sweeper optimises.
     return None if results is None else results["top1"]
 

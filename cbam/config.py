@@ -80,6 +80,7 @@ class DataConfig:
     augment: bool = True  # in-memory sets: random crop after zero padding + horizontal flip
     crop_padding: int = 4
     download: bool = True  # fetch with torchvision when the files are missing and a network is there
+    verify: bool = True  # CIFAR: check the files against torchvision's MD5 sums (false: files made by hand)
     workers: int = 4  # DataLoader workers (ImageFolder only; in-memory sets need none)
     train_size: int = 0  # synthetic only: number of images
     val_size: int = 0
@@ -160,12 +161,15 @@ class EvalConfig:
 
 
 def register_configs(app: str = "train") -> None:
-    """Register the schemas of ``app`` (train | eval); YAML files name them in their defaults list."""
+    """Register the schemas of ``app`` (train | eval); YAML files name them in their defaults list
+    (``base_train``, ``base_eval``, ``/schema/<group>@_here_``)."""
     cs = ConfigStore.instance()
     if app == "eval":
         cs.store(name="base_eval", node=EvalConfig)
         return
     cs.store(name="base_train", node=TrainConfig)
+    # Outside the groups they validate (schema/<group>, named in each YAML's defaults list), so that the
+    # groups offer only real options.
     for group, node in [
         ("model", ModelConfig),
         ("attention", AttentionConfig),
@@ -173,7 +177,7 @@ def register_configs(app: str = "train") -> None:
         ("optim", OptimConfig),
         ("sched", SchedConfig),
     ]:
-        cs.store(group=group, name=f"base_{group}", node=node)
+        cs.store(group="schema", name=group, node=node)
 
 
 def to_container(cfg: DictConfig) -> dict:

@@ -203,8 +203,8 @@ def load_fashion_mnist(root: str, download: bool) -> tuple[Split, Split]:
 
 
 def _existence_checked(cls):
-    """torchvision's reader of the pickled batches with the MD5 sums dropped (files must exist), so
-    that small files in the real format are read too; torchvision verifies a download's archive."""
+    """torchvision's reader of the pickled batches with the MD5 sums dropped (files must exist): the
+    sums are checked before (``_verify_cifar``) unless data.verify=false, for files made by hand."""
 
     def no_md5(entries):
         return [[name, None] for name, _ in entries]
@@ -217,15 +217,36 @@ def _existence_checked(cls):
     return type(cls.__name__, (cls,), attrs)
 
 
-_CIFAR = {
-    "cifar10": _existence_checked(torchvision.datasets.CIFAR10),
-    "cifar100": _existence_checked(torchvision.datasets.CIFAR100),
-}
+_TORCHVISION_CIFAR = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}
+_CIFAR = {name: _existence_checked(cls) for name, cls in _TORCHVISION_CIFAR.items()}
 
 
-def load_cifar(name: str, root: str, download: bool) -> tuple[Split, Split]:
-    """CIFAR-10/100 in torchvision's on-disk format (``root/cifar-10-batches-py`` etc.)."""
+def _verify_cifar(name: str, root: str) -> None:
+    """The archive and each batch that is present against torchvision's MD5 sums
+    (``torchvision.datasets.utils.check_integrity``): a corrupt or incomplete download is refused."""
+    from torchvision.datasets.utils import check_integrity
+
+    cls = _TORCHVISION_CIFAR[name]
+    folder = Path(root) / cls.base_folder
+    files = [(Path(root) / cls.filename, cls.tgz_md5)]
+    files += [
+        (folder / f, md5) for f, md5 in (*cls.train_list, *cls.test_list, (cls.meta["filename"], cls.meta["md5"]))
+    ]
+    for path, md5 in files:
+        if path.is_file() and not check_integrity(str(path), md5):
+            raise DataError(
+                f"{path} fails its MD5 check ({name}'s published checksum): a corrupt or incomplete download. "
+                f"Fix: delete {folder if path.parent == folder else path} and download again (data.download=true "
+                "where a network is reachable), or pass data.verify=false for files you made yourself."
+            )
+
+
+def load_cifar(name: str, root: str, download: bool, verify: bool = True) -> tuple[Split, Split]:
+    """CIFAR-10/100 in torchvision's on-disk format (``root/cifar-10-batches-py`` etc.); with ``verify``
+    the files are checked against torchvision's MD5 sums first."""
     cls = _CIFAR[name]
+    if verify:
+        _verify_cifar(name, root)
     try:
         sets = [cls(root, train=t, download=False) for t in (True, False)]
     except RuntimeError:
@@ -316,7 +337,7 @@ def build_batches(cfg, batch_size: int, eval_batch_size: int, seed: int, device,
     if cfg.name == "fashion_mnist":
         train, val = load_fashion_mnist(cfg.root, cfg.download)
     elif cfg.name in ("cifar10", "cifar100"):
-        train, val = load_cifar(cfg.name, cfg.root, cfg.download)
+        train, val = load_cifar(cfg.name, cfg.root, cfg.download, getattr(cfg, "verify", True))
     elif cfg.name == "synthetic":
         train, val = synthetic(cfg.num_classes, cfg.in_chans, cfg.image_size, cfg.train_size, cfg.val_size)
     else:

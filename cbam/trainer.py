@@ -136,8 +136,12 @@ class StopNow(BaseException):
     A BaseException, like KeyboardInterrupt, so that no ``except Exception`` in torch swallows it."""
 
 
+PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # after these a SLURM job is requeued (train.py)
+
+
 class StopRequest:
-    """SIGTERM / SIGINT / SIGUSR1 (SLURM's warning before preemption or the time limit) ask the run to
+    """SIGTERM / SIGINT / SIGUSR1 / SIGUSR2 (SLURM's warning before preemption or the time limit, as
+    ``sbatch --signal`` or submitit sends it) ask the run to
     stop after the current step, so that the checkpoint resumes bit-identically. If the run has not
     stopped ``grace_s`` seconds later (a cold compilation, a long evaluation, data loading), the
     signal is delivered to the main thread again and raises ``StopNow`` there, which interrupts
@@ -157,7 +161,7 @@ class StopRequest:
 
     def __enter__(self):
         if self._depth == 0:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            for sig in (signal.SIGTERM, signal.SIGINT, *PREEMPTION_SIGNALS):
                 self._previous[sig] = signal.signal(sig, self._handle)
         self._depth += 1
         return self

@@ -104,3 +104,21 @@ def test_resolved_config_is_plain():
     cfg = compose_train("experiment=quickstart")
     assert OmegaConf.create(cfg)  # plain types only: enums became strings
     assert cfg["model"]["stem"] == "cifar" and isinstance(cfg["attention"]["order"], str)
+
+
+@pytest.mark.parametrize("group", ["attention", "data", "model", "optim", "sched"])
+def test_schemas_are_not_options_of_their_group(group):
+    """attention=base_attention once trained silently as an attention named "custom"."""
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match=f"Could not find '{group}/base_{group}'"):
+        compose_train(f"{group}=base_{group}")
+
+
+def test_help_lists_only_real_options():
+    from helpers import run
+
+    groups = {line.split(":")[0]: line.split(": ")[1].split(", ")
+              for line in run("train.py", "--help").stdout.splitlines() if ": " in line and "," in line}  # fmt: skip
+    assert groups["attention"] == sorted(PRESETS) and groups["model"] == sorted(ARCHS)
+    assert not any(option.startswith("base_") for options in groups.values() for option in options)

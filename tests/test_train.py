@@ -6,7 +6,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cbam.data import load_cifar
+from cbam.data import DataError, load_cifar
 from conftest import needs_fmnist
 from helpers import ROOT, TINY, results, run, train, write_cifar, write_image_folder
 
@@ -137,7 +137,7 @@ def test_short_real_fashion_mnist_run(tmp_path):
 @pytest.mark.parametrize("kind", ["cifar10", "cifar100"])
 def test_cifar_loaders_read_the_pickled_format(tmp_path, kind):
     written = write_cifar(tmp_path, kind)
-    train_split, test_split = load_cifar(kind, str(tmp_path), download=False)
+    train_split, test_split = load_cifar(kind, str(tmp_path), download=False, verify=False)
     first = "data_batch_1" if kind == "cifar10" else "train"
     data, labels = written[first]
     assert train_split.images.shape == (100, 3, 32, 32) and train_split.images.dtype == torch.uint8
@@ -147,10 +147,44 @@ def test_cifar_loaders_read_the_pickled_format(tmp_path, kind):
     assert test_split.images.shape[0] == 20
 
 
+def _publish_checksums(monkeypatch, folder):
+    """torchvision's CIFAR-10 sums replaced by those of the files a test wrote, as if they were the real ones."""
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import calculate_md5
+
+    md5 = {p.name: calculate_md5(str(p)) for p in folder.iterdir()}
+    monkeypatch.setattr(CIFAR10, "train_list", [[n, md5[n]] for n, _ in CIFAR10.train_list])
+    monkeypatch.setattr(CIFAR10, "test_list", [[n, md5[n]] for n, _ in CIFAR10.test_list])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5["batches.meta"]})
+
+
+def test_cifar_files_are_checked_against_their_checksums(tmp_path, monkeypatch):
+    write_cifar(tmp_path, "cifar10")
+    folder = tmp_path / "cifar-10-batches-py"
+    _publish_checksums(monkeypatch, folder)
+    assert load_cifar("cifar10", str(tmp_path), download=False)[0].images.shape[0] == 100  # intact: read
+    batch = folder / "data_batch_3"
+    data = bytearray(batch.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    batch.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"data_batch_3 fails its MD5 check .*Fix: delete .*cifar-10-batches-py"):
+        load_cifar("cifar10", str(tmp_path), download=False)
+
+
+def test_corrupt_cifar_is_refused_before_training(tmp_path):
+    """With torchvision's real checksums, hand-made files are what a corrupt download looks like."""
+    write_cifar(tmp_path / "data", "cifar10")
+    proc = train(tmp_path / "run", "data=cifar10", f"data.root={tmp_path / 'data'}", "data.download=false", *TINY,
+                 check=False)  # fmt: skip
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in text
+    assert "data_batch_1 fails its MD5 check" in text and "data.verify=false" in text
+
+
 def test_cifar10_trains_from_pickles(tmp_path):
     write_cifar(tmp_path / "data", "cifar10")
     train(tmp_path / "run", "data=cifar10", f"data.root={tmp_path / 'data'}", "data.download=false",
-          "trainer.epochs=1", "trainer.batch_size=25", *TINY)  # fmt: skip
+          "data.verify=false", "trainer.epochs=1", "trainer.batch_size=25", *TINY)  # fmt: skip
     assert results(tmp_path / "run")["history"][0]["val"]["samples"] == 20
 
 
