@@ -15,8 +15,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from cbam.config import register_configs
 from cbam.errors import UserError
+from engine.config import register_configs
 
 register_configs("eval")  # its only config: the EvalConfig schema (no YAML folder, so --help lists no groups)
 log = logging.getLogger("cbam")
@@ -28,11 +28,18 @@ USAGE = "python eval.py checkpoint=PATH [batch_size=N] [device=auto|cpu|cuda] [d
 def evaluate_checkpoint(cfg: DictConfig) -> dict:
     import torch
 
-    from cbam import checkpoint as ckpt_io
-    from cbam.data import build_batches
-    from cbam.device import amp_dtype, resolve_device, set_tf32
-    from cbam.profile import count_gmacs, count_params
-    from cbam.trainer import build_model, evaluate, ns
+    from engine import checkpoint as ckpt_io
+    from engine.shared import (
+        amp_dtype,
+        build_batches,
+        build_model,
+        count_gmacs,
+        count_params,
+        evaluate,
+        ns,
+        resolve_device,
+        set_tf32,
+    )  # fmt: skip
 
     path = Path(cfg.checkpoint)
     ckpt = ckpt_io.load(path)

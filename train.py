@@ -18,9 +18,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from cbam import sweep
-from cbam.config import register_configs, to_container
 from cbam.errors import RunFolderInUse, UserError
+from engine import sweep
+from engine.config import register_configs, to_container
 
 register_configs()
 log = logging.getLogger("cbam")
@@ -31,7 +31,8 @@ if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) != "0":  # only r
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    from cbam.trainer import PREEMPTION_SIGNALS, StopNow, StopRequest, Trainer  # after Hydra parsed the command line
+    from engine.stopping import PREEMPTION_SIGNALS, StopNow, StopRequest  # after Hydra parsed the command line
+    from engine.trainer import Trainer
 
     hydra_cfg = HydraConfig.get()
     run_dir, in_sweep = hydra_cfg.runtime.output_dir, hydra_cfg.mode == RunMode.MULTIRUN
@@ -67,7 +68,7 @@ def main(cfg: DictConfig) -> float | None:
             raise
     sweep.write_status(run_dir, "stopped" if results is None else "finished")
     if stop.signum in PREEMPTION_SIGNALS and os.environ.get("RANK", "0") == "0":  # SLURM's warning: requeue
-        from cbam.distributed import requeue_slurm_job
+        from engine.distributed import requeue_slurm_job
 
         requeued = requeue_slurm_job()
         log.warning("%s: %s", signal.Signals(stop.signum).name, "job requeued; it continues with resume=auto"

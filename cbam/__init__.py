@@ -1,4 +1,4 @@
-"""CBAM: attention modules of Woo et al. (ECCV 2018) and the training engine around them."""
+"""CBAM: the attention modules of Woo et al. (ECCV 2018). Imports nothing else of this project."""
 
 from .modules import CBAM, AttentionModule, ChannelGate, SpatialGate, build_attention
 from .spec import PRESETS, AttentionSpec, AttentionSpecError, resolve_spec

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_tail.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
-ORDERS = ("channel_first", "parallel", "channel", "spatial")
+KERNEL_ORDERS = ("channel_first", "parallel", "channel", "spatial")  # of fused.ORDERS, those the kernel takes
 ENABLED = os.environ.get("CBAM_CPU_TAIL", "1") != "0"
 
 
@@ -100,7 +100,7 @@ def library() -> ctypes.CDLL | None:
 def applicable(cfg, x: torch.Tensor, shortcut: torch.Tensor | None) -> bool:
     """Whether the kernel computes this call: CPU, float32, channels_last, evaluation statistics,
     a supported order, and at least one image per thread (it splits the work by image)."""
-    if not ENABLED or cfg.record or cfg.order not in ORDERS or "batch" in (cfg.bn, cfg.spatial_bn):
+    if not ENABLED or cfg.record or cfg.order not in KERNEL_ORDERS or "batch" in (cfg.bn, cfg.spatial_bn):
         return False
     if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous(memory_format=torch.channels_last):
         return False

@@ -46,11 +46,12 @@ from torch.autograd.function import once_differentiable
 from torch.nn import functional as nnf
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import cpu_tail
+from . import cpu_tail, spec
 
 log = logging.getLogger(__name__)
 
-ORDERS = ("channel_first", "spatial_first", "parallel", "channel", "spatial")
+# Table 3's arrangements of both gates, and a gate alone
+ORDERS = (*spec.ORDERS, "channel", "spatial")
 
 
 # ---- compiled graphs -------------------------------------------------------------------------------------------

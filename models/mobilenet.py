@@ -11,7 +11,7 @@ from torch import nn
 
 from cbam import AttentionSpec, build_attention, resolve_spec
 
-from .resnet import _init_backbone
+from .resnet import init_backbone
 
 # (output channels, stride) of the 13 depthwise-separable blocks, for alpha = 1.
 _BLOCKS = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2)] + [(512, 1)] * 5 + [(1024, 2), (1024, 1)]
@@ -72,7 +72,7 @@ class MobileNetV1(nn.Module):
         self.num_features = channels
         self.dropout = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         self.fc = nn.Linear(channels, num_classes)
-        _init_backbone(self)
+        init_backbone(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(self.features(x).mean(dim=(2, 3))))

@@ -181,7 +181,7 @@ class ResNet(nn.Module):
         self.num_features = widths[3] * block.expansion
         self.dropout = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         self.fc = nn.Linear(self.num_features, num_classes)
-        _init_backbone(self, zero_init_residual)
+        init_backbone(self, zero_init_residual)
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         downsample = None
@@ -211,7 +211,7 @@ class ResNet(nn.Module):
         return self.fc(self.dropout(x))
 
 
-def _init_backbone(model: nn.Module, zero_init_residual: bool = False) -> None:
+def init_backbone(model: nn.Module, zero_init_residual: bool = False) -> None:
     """torchvision's init (He normal fan-out convs, BN 1/0) for everything but attention modules,
     which keep their own init (e.g. the spatial gate's zero-gamma BN)."""
     attention_params = {id(p) for m in model.modules() if isinstance(m, AttentionModule) for p in m.parameters()}

@@ -25,10 +25,8 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cbam.paper import find_row  # noqa: E402
-from cbam.sweep import read_status  # noqa: E402
+from engine.paper import find_row
+from engine.sweep import read_status
 
 IGNORED = {"seed", "name", "resume", "paths.log_dir", "paths.output_dir"}
 PREFERRED = ("attention.name", "model.arch", "data.name")  # kept when another field says the same

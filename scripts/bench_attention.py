@@ -20,7 +20,7 @@ machine is) and a 95% confidence interval for their median (how sure the median 
 
 ``NAME@MODE`` is variant NAME under ``torch.compile(mode=MODE)`` of the whole model (the reference
 modules inside, fused by inductor); ``cbam (default)`` is what ``attention=cbam`` with the trainer's
-defaults runs on the device (``cbam.device``). "timm resnet50-cbam" is timm's own ``resnet50`` with
+defaults runs on the device (``engine.device``). "timm resnet50-cbam" is timm's own ``resnet50`` with
 ``block_args={"attn_layer": "cbam"}``. The first warm-up step of each variant (compilation, autotuning, CUDA-graph
 capture) is timed apart and reported as ``first_step_s``; a variant whose first step runs past
 ``--first-step-limit`` seconds is dropped with a note. On CUDA, ``peak_step_mib`` is the peak memory of
@@ -49,11 +49,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cbam.device import COMPILE_MODES, compile_mode  # noqa: E402
-from cbam.fused import auto_uses_fused  # noqa: E402
-from models import create_model  # noqa: E402
+from cbam.fused import auto_uses_fused
+from engine.device import COMPILE_MODES, compile_mode
+from models import create_model
 
 
 def timm_cbam_model(arch: str, **kwargs) -> nn.Module:

@@ -21,17 +21,13 @@ import time
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from engine.config import register_configs, to_container
+from engine.shared import amp_dtype, autocast, build_batches, build_model, ns, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import open_dict  # noqa: E402
-
-from cbam.config import register_configs, to_container  # noqa: E402
-from cbam.data import build_batches  # noqa: E402
-from cbam.device import amp_dtype, autocast, resolve_device  # noqa: E402
-from cbam.trainer import build_model, ns  # noqa: E402
 
 
 def bare_loop(config: dict, steps: int) -> float:

@@ -100,8 +100,8 @@ def default_candidate(device_type: str) -> str:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from cbam.device import compile_mode
     from cbam.fused import auto_uses_fused
+    from engine.device import compile_mode
 
     mode = compile_mode(None, "auto", torch.device(device_type))
     if mode is not None:

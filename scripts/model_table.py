@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cbam import PRESETS  # noqa: E402
-from cbam.paper import TABLE4, TABLE5  # noqa: E402
-from cbam.profile import count_gmacs, count_params  # noqa: E402
-from models import ARCHS, create_model  # noqa: E402
+from cbam import PRESETS
+from engine.paper import TABLE4, TABLE5
+from engine.profile import count_gmacs, count_params
+from models import ARCHS, create_model
 
 
 def measure(arch: str, attention: str, width: float = 1.0, v1: bool = True, image_size: int = 224):

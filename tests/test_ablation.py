@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from cbam import PRESETS, resolve_spec
-from cbam.paper import TABLES
+from engine.paper import TABLES
 from helpers import ROOT, results, run
 
 TINY_SWEEP = ["data=synthetic", "data.train_size=16", "data.val_size=8", "trainer.batch_size=8", "trainer.epochs=1",

@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 from cbam import PRESETS
-from cbam.config import register_configs, to_container
+from engine.config import register_configs, to_container
 from models import ARCHS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

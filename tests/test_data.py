@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from cbam.data import TensorBatches, _generator, random_crop_flip, synthetic
+from engine.data import TensorBatches, _generator, random_crop_flip, synthetic
 
 
 def batches(world_size=1, rank=0, train=True, augment=True, batch_size=8):

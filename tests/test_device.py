@@ -1,10 +1,10 @@
-"""The trainer's per-device defaults (cbam/device.py) and their config keys."""
+"""The trainer's per-device defaults (engine/device.py) and their config keys."""
 
 import pytest
 import torch
 
-from cbam.device import AUTO_COMPILE_MODE, amp_dtype, compile_mode
 from cbam.errors import UserError
+from engine.device import AUTO_COMPILE_MODE, amp_dtype, compile_mode
 from helpers import TINY, results, train
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")

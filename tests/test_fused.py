@@ -15,7 +15,7 @@ from torch import nn
 from cbam import PRESETS, AttentionSpecError, build_attention
 from cbam import fused as fused_mod
 from cbam.fused import fused_gated_tail
-from cbam.profile import count_gmacs
+from engine.profile import count_gmacs
 from models import create_model
 from models.resnet import BasicBlock, Bottleneck
 

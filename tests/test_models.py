@@ -5,8 +5,8 @@ import torch
 import torchvision
 
 from cbam import PRESETS, AttentionSpecError
-from cbam.paper import TABLE4
-from cbam.profile import count_gmacs, count_params
+from engine.paper import TABLE4
+from engine.profile import count_gmacs, count_params
 from models import ARCHS, create_model
 
 TORCHVISION_EQUIVALENT = {

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from cbam import checkpoint as ckpt_io
+from engine import checkpoint as ckpt_io
 from helpers import ROOT, TINY, assert_equal_tree, results, torchrun, train
 
 # 4 epochs x 8 steps on synthetic data, a checkpoint every 3 steps.

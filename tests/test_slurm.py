@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from cbam import checkpoint as ckpt_io
-from cbam.distributed import first_host, slurm_to_torchrun_env
+from engine import checkpoint as ckpt_io
+from engine.distributed import first_host, slurm_to_torchrun_env
 from helpers import ROOT, TINY, assert_equal_tree, results, torchrun
 
 COMMON = ["experiment=smoke", *TINY, "trainer.sync_bn=true", "trainer.batch_size=64", "trainer.image_every=0",

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from cbam.trainer import StopNow, StopRequest
+from engine.stopping import StopNow, StopRequest
 from helpers import ROOT, TINY
 
 

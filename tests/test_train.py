@@ -6,8 +6,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cbam.data import DataError, load_cifar
 from conftest import needs_fmnist
+from engine.data import DataError, load_cifar
 from helpers import ROOT, TINY, results, run, train, write_cifar, write_image_folder
 
 SMOKE = ["experiment=smoke", *TINY]

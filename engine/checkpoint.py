@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UserError
+from cbam.errors import UserError
 
 
 class CheckpointError(UserError):

@@ -1,6 +1,6 @@
 """One training run: build everything from a resolved config, train, evaluate, log, checkpoint.
 
-Only the entry points know about Hydra; this module takes a plain dict (``cbam.config.to_container``)
+Only the entry points know about Hydra; this module takes a plain dict (``engine.config.to_container``)
 and a run directory. A run can be stopped at any step and resumed to exactly where it would have
 been: the data order and augmentation are functions of (seed, epoch, batch), the lr a function of
 (epoch, step), and a checkpoint holds everything else (weights, optimizer, scaler, meters, RNGs).
@@ -13,39 +13,31 @@ import logging
 import math
 import os
 import random
-import signal
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from models import create_model
+from cbam.errors import RunFolderInUse, UserError
+from cbam.fused import auto_uses_fused
+from cbam.modules import AttentionModule
 
 from . import checkpoint as ckpt_io
 from . import distributed as dist
 from .data import build_batches
 from .device import amp_dtype, autocast, compile_mode, resolve_device, set_tf32
-from .errors import RunFolderInUse, UserError
-from .fused import auto_uses_fused
 from .metrics import Meter
-from .modules import AttentionModule
 from .optim import build_optimizer, build_scheduler
 from .profile import count_gmacs, count_params
+from .shared import build_model, evaluate, ns
+from .stopping import StopNow, StopRequest
 from .tblog import log_attention, write_hparams
 
 log = logging.getLogger("cbam")
-
-
-def ns(d: dict) -> SimpleNamespace:
-    """Attribute access to one config group."""
-    return SimpleNamespace(**d)
 
 
 def validate(config: dict) -> None:
@@ -77,31 +69,6 @@ def validate(config: dict) -> None:
 WARMUP_STEPS = 3
 
 
-@torch.no_grad()
-def evaluate(model, batches, criterion, device, amp_dtype=None, channels_last=False, limit: int = 0) -> Meter:
-    """Loss and top-1/top-5 counts of ``model`` (in eval mode) over a validation iterator; used by the
-    trainer after every epoch and by ``eval.py``, so both report the same numbers."""
-    was_training = model.training
-    model.eval()
-    meter = Meter(device)
-    for i, (x, y) in enumerate(batches.batches()):
-        if limit and i >= limit:
-            break
-        with autocast(device, amp_dtype):
-            logits = model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
-        meter.update(criterion(logits.float(), y), logits.float(), y)
-    model.train(was_training)
-    return meter
-
-
-def build_model(config: dict) -> torch.nn.Module:
-    """The network a config describes (also used by ``eval.py``)."""
-    m, d = config["model"], config["data"]
-    stem = m["stem"] if m["stem"] != "auto" else ("cifar" if d["image_size"] <= 64 else "imagenet")
-    options = {k: v for k, v in m.items() if k not in ("arch", "stem") and v is not None}
-    return create_model(m["arch"], d["num_classes"], config["attention"], in_chans=d["in_chans"], stem=stem, **options)
-
-
 def seed_everything(seed: int) -> None:
     """Python's, NumPy's and torch's generators (all of which a checkpoint stores) from one seed."""
     random.seed(seed)
@@ -129,87 +96,6 @@ def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor)
     grads = [p.grad for p in parameters if p.grad is not None]
     if grads:
         torch._foreach_mul_(grads, (max_norm / (total_norm + 1e-6)).clamp(max=1.0))
-
-
-class StopNow(BaseException):
-    """A stop request was not honoured within its grace period: the work in progress is abandoned.
-    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` in torch swallows it."""
-
-
-PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # after these a SLURM job is requeued (train.py)
-
-
-class StopRequest:
-    """SIGTERM / SIGINT / SIGUSR1 / SIGUSR2 (SLURM's warning before preemption or the time limit, as
-    ``sbatch --signal`` or submitit sends it) ask the run to
-    stop after the current step, so that the checkpoint resumes bit-identically. If the run has not
-    stopped ``grace_s`` seconds later (a cold compilation, a long evaluation, data loading), the
-    signal is delivered to the main thread again and raises ``StopNow`` there, which interrupts
-    blocking waits too; inside ``critical()`` (the optimizer update and the bookkeeping after it,
-    milliseconds) it waits for the section's end. A second SIGINT stops at once (KeyboardInterrupt)."""
-
-    def __init__(self, grace_s: float = 10.0):
-        self.grace_s = grace_s
-        self.requested = False
-        self.signum: int | None = None  # the first stop signal
-        self.overdue = False
-        self.settled = False  # the stop is being carried out: further signals change nothing
-        self._critical = 0
-        self._depth = 0
-        self._previous = {}
-        self._timer: threading.Timer | None = None
-
-    def __enter__(self):
-        if self._depth == 0:
-            for sig in (signal.SIGTERM, signal.SIGINT, *PREEMPTION_SIGNALS):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        self._depth += 1
-        return self
-
-    def __exit__(self, *exc):
-        self._depth -= 1
-        if self._depth == 0:
-            if self._timer is not None:
-                self._timer.cancel()
-            for sig, handler in self._previous.items():
-                signal.signal(sig, handler)
-
-    def _handle(self, signum, _frame):
-        if self.settled:
-            return
-        if self.overdue:
-            if not self._critical:
-                raise StopNow
-            return
-        if self.requested:
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            return
-        self.requested, self.signum = True, signum
-        log.warning("%s received: stopping after this step and writing a checkpoint (at most %.0f s)",
-                    signal.Signals(signum).name, self.grace_s)  # fmt: skip
-        self._timer = threading.Timer(self.grace_s, self._expire, args=(threading.main_thread().ident,))
-        self._timer.daemon = True
-        self._timer.start()
-
-    def _expire(self, main_thread: int) -> None:
-        self.overdue = True
-        signal.pthread_kill(main_thread, signal.SIGTERM)  # wakes a blocking wait, then raises StopNow
-
-    @contextmanager
-    def critical(self):
-        """A section that a late stop does not interrupt; ``StopNow`` at its end instead."""
-        self._critical += 1
-        try:
-            yield
-        finally:
-            self._critical -= 1
-        if self.overdue and not self._critical and not self.settled:
-            raise StopNow
-
-    def settle(self) -> None:
-        """The stop is being carried out (after ``StopNow``): ignore further signals."""
-        self.settled = True
 
 
 class NonFiniteError(UserError):

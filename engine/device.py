@@ -16,8 +16,9 @@ from contextlib import nullcontext
 
 import torch
 
+from cbam.errors import UserError
+
 from . import distributed as dist
-from .errors import UserError
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 AMP_CHOICES = ("auto", *AMP_DTYPES)

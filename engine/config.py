@@ -16,8 +16,9 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from cbam.spec import CHOICES, AttentionSpec
+
 from .device import AMP_CHOICES, COMPILE_MODES
-from .spec import CHOICES, AttentionSpec
 
 
 class _Choice(enum.Enum):
@@ -116,7 +117,7 @@ class TrainerConfig:
     amp: Amp = Amp.auto  # auto: bf16 on CUDA, none (float32) on the CPU
     tf32: bool = True  # TF32 tensor cores for float32 matmuls and convs on CUDA
     channels_last: bool = True
-    compile: Optional[bool] = None  # torch.compile the model; null: where it measured faster (cbam/device.py)
+    compile: Optional[bool] = None  # torch.compile the model; null: where it measured faster (engine/device.py)
     compile_mode: CompileMode = CompileMode.auto  # torch.compile's mode; auto: the device's measured one
     label_smoothing: float = 0.0
     grad_clip: float = 0.0  # max global grad norm; 0 = off

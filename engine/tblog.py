@@ -11,7 +11,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from torchvision.utils import make_grid
 
-from .modules import ChannelGate, SpatialGate
+from cbam.modules import ChannelGate, SpatialGate
 
 
 def write_hparams(writer: SummaryWriter, config: dict, metrics: dict[str, float]) -> None:

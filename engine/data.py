@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import torchvision
 from torchvision import transforms
 
-from .errors import UserError
+from cbam.errors import UserError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 

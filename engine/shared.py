@@ -1,0 +1,51 @@
+"""What ``train.py``, ``eval.py`` and the scripts share: the model and data a config describes, the
+device settings, evaluation and parameter/MAC counts, in one place.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from models import create_model
+
+from .data import build_batches
+from .device import amp_dtype, autocast, resolve_device, set_tf32
+from .metrics import Meter
+from .profile import count_gmacs, count_params
+
+__all__ = [
+    "amp_dtype", "autocast", "build_batches", "build_model", "count_gmacs", "count_params", "evaluate", "ns",
+    "resolve_device", "set_tf32",
+]  # fmt: skip
+
+
+def ns(d: dict) -> SimpleNamespace:
+    """Attribute access to one config group."""
+    return SimpleNamespace(**d)
+
+
+def build_model(config: dict) -> torch.nn.Module:
+    """The network a config describes (also used by ``eval.py``)."""
+    m, d = config["model"], config["data"]
+    stem = m["stem"] if m["stem"] != "auto" else ("cifar" if d["image_size"] <= 64 else "imagenet")
+    options = {k: v for k, v in m.items() if k not in ("arch", "stem") and v is not None}
+    return create_model(m["arch"], d["num_classes"], config["attention"], in_chans=d["in_chans"], stem=stem, **options)
+
+
+@torch.no_grad()
+def evaluate(model, batches, criterion, device, amp_dtype=None, channels_last=False, limit: int = 0) -> Meter:
+    """Loss and top-1/top-5 counts of ``model`` (in eval mode) over a validation iterator; used by the
+    trainer after every epoch and by ``eval.py``, so both report the same numbers."""
+    was_training = model.training
+    model.eval()
+    meter = Meter(device)
+    for i, (x, y) in enumerate(batches.batches()):
+        if limit and i >= limit:
+            break
+        with autocast(device, amp_dtype):
+            logits = model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+        meter.update(criterion(logits.float(), y), logits.float(), y)
+    model.train(was_training)
+    return meter

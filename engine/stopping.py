@@ -1,0 +1,96 @@
+"""Stopping a run on a signal: after the current step when it ends in time, at once when it does not.
+
+SIGTERM, SIGINT and SLURM's warning signals (SIGUSR1, SIGUSR2) ask a run to stop; ``StopRequest``
+turns them into a flag that the training loop checks after each step, and into ``StopNow`` when the
+step outlasts the grace period (a cold compilation, a long evaluation, data loading).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from contextlib import contextmanager
+
+log = logging.getLogger("cbam")
+
+
+class StopNow(BaseException):
+    """A stop request was not honoured within its grace period: the work in progress is abandoned.
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` in torch swallows it."""
+
+
+PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # after these a SLURM job is requeued (train.py)
+
+
+class StopRequest:
+    """SIGTERM / SIGINT / SIGUSR1 / SIGUSR2 (SLURM's warning before preemption or the time limit, as
+    ``sbatch --signal`` or submitit sends it) ask the run to
+    stop after the current step, so that the checkpoint resumes bit-identically. If the run has not
+    stopped ``grace_s`` seconds later (a cold compilation, a long evaluation, data loading), the
+    signal is delivered to the main thread again and raises ``StopNow`` there, which interrupts
+    blocking waits too; inside ``critical()`` (the optimizer update and the bookkeeping after it,
+    milliseconds) it waits for the section's end. A second SIGINT stops at once (KeyboardInterrupt)."""
+
+    def __init__(self, grace_s: float = 10.0):
+        self.grace_s = grace_s
+        self.requested = False
+        self.signum: int | None = None  # the first stop signal
+        self.overdue = False
+        self.settled = False  # the stop is being carried out: further signals change nothing
+        self._critical = 0
+        self._depth = 0
+        self._previous = {}
+        self._timer: threading.Timer | None = None
+
+    def __enter__(self):
+        if self._depth == 0:
+            for sig in (signal.SIGTERM, signal.SIGINT, *PREEMPTION_SIGNALS):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc):
+        self._depth -= 1
+        if self._depth == 0:
+            if self._timer is not None:
+                self._timer.cancel()
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+
+    def _handle(self, signum, _frame):
+        if self.settled:
+            return
+        if self.overdue:
+            if not self._critical:
+                raise StopNow
+            return
+        if self.requested:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.requested, self.signum = True, signum
+        log.warning("%s received: stopping after this step and writing a checkpoint (at most %.0f s)",
+                    signal.Signals(signum).name, self.grace_s)  # fmt: skip
+        self._timer = threading.Timer(self.grace_s, self._expire, args=(threading.main_thread().ident,))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self, main_thread: int) -> None:
+        self.overdue = True
+        signal.pthread_kill(main_thread, signal.SIGTERM)  # wakes a blocking wait, then raises StopNow
+
+    @contextmanager
+    def critical(self):
+        """A section that a late stop does not interrupt; ``StopNow`` at its end instead."""
+        self._critical += 1
+        try:
+            yield
+        finally:
+            self._critical -= 1
+        if self.overdue and not self._critical and not self.settled:
+            raise StopNow
+
+    def settle(self) -> None:
+        """The stop is being carried out (after ``StopNow``): ignore further signals."""
+        self.settled = True
