@@ -17,7 +17,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from cbam.spec import CHOICES, AttentionSpec
+from models import ARCHS
 
+from .data import DATASETS
 from .device import AMP_CHOICES, COMPILE_MODES
 
 
@@ -47,10 +49,9 @@ def _attention_schema() -> type:
 
 AttentionConfig = _attention_schema()
 
-Arch = _enum("Arch", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wrn18_1.5", "wrn18_2",
-                      "resnext50_32x4d", "resnext101_32x4d", "mobilenet_v1"])  # fmt: skip
+Arch = _enum("Arch", ARCHS)  # the backbones' registry (models/factory.py)
 Stem = _enum("Stem", ["auto", "imagenet", "cifar"])
-Dataset = _enum("Dataset", ["cifar10", "cifar100", "imagenet", "fashion_mnist", "synthetic"])
+Dataset = _enum("Dataset", DATASETS)  # the data sets' registry (engine/data.py)
 Optimizer = _enum("Optimizer", ["sgd", "adamw"])
 Schedule = _enum("Schedule", ["step", "cosine", "constant"])
 Amp = _enum("Amp", AMP_CHOICES)
@@ -132,6 +133,11 @@ class TrainerConfig:
 
 
 @dataclass
+class LoggerConfig:
+    name: str = "tensorboard"  # a name registered in engine/loggers.py
+
+
+@dataclass
 class PathsConfig:
     log_dir: str = "runs"
     output_dir: Optional[str] = "${hydra:runtime.output_dir}"
@@ -145,6 +151,7 @@ class TrainConfig:
     optim: OptimConfig = MISSING
     sched: SchedConfig = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
     name: str = "train"
     seed: int = 0
@@ -177,6 +184,7 @@ def register_configs(app: str = "train") -> None:
         ("data", DataConfig),
         ("optim", OptimConfig),
         ("sched", SchedConfig),
+        ("logger", LoggerConfig),
     ]:
         cs.store(group="schema", name=group, node=node)
 

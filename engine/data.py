@@ -325,23 +325,30 @@ def load_image_folder(cfg) -> tuple:
     return sets
 
 
+# The data sets, by data.name: those held in memory as (train, val) uint8 tensors, by their reader, and
+# ImageFolder trees. Adding one is an entry here and a YAML in configs/data/ (the schema's enum follows).
+IN_MEMORY = {
+    "fashion_mnist": lambda cfg: load_fashion_mnist(cfg.root, cfg.download),
+    "cifar10": lambda cfg: load_cifar("cifar10", cfg.root, cfg.download, getattr(cfg, "verify", True)),
+    "cifar100": lambda cfg: load_cifar("cifar100", cfg.root, cfg.download, getattr(cfg, "verify", True)),
+    "synthetic": lambda cfg: synthetic(cfg.num_classes, cfg.in_chans, cfg.image_size, cfg.train_size, cfg.val_size),
+}
+IMAGE_FOLDERS = ("imagenet",)
+DATASETS = (*IN_MEMORY, *IMAGE_FOLDERS)
+
+
 def build_batches(cfg, batch_size: int, eval_batch_size: int, seed: int, device, rank: int = 0, world_size: int = 1):
     """(train, val) batch iterators for data config ``cfg`` (a ``DataConfig``-shaped mapping)."""
     dist = dict(device=device, rank=rank, world_size=world_size)
-    if cfg.name == "imagenet":
+    if cfg.name in IMAGE_FOLDERS:
         train_set, val_set = load_image_folder(cfg)
         return (
             FolderBatches(train_set, batch_size, True, seed, cfg.workers, **dist),
             FolderBatches(val_set, eval_batch_size, False, seed, cfg.workers, **dist),
         )
-    if cfg.name == "fashion_mnist":
-        train, val = load_fashion_mnist(cfg.root, cfg.download)
-    elif cfg.name in ("cifar10", "cifar100"):
-        train, val = load_cifar(cfg.name, cfg.root, cfg.download, getattr(cfg, "verify", True))
-    elif cfg.name == "synthetic":
-        train, val = synthetic(cfg.num_classes, cfg.in_chans, cfg.image_size, cfg.train_size, cfg.val_size)
-    else:
-        raise DataError(f"unknown data set {cfg.name!r}")
+    if cfg.name not in IN_MEMORY:
+        raise DataError(f"unknown data set {cfg.name!r}; known: {', '.join(DATASETS)}")
+    train, val = IN_MEMORY[cfg.name](cfg)
     if train.images.shape[1] != cfg.in_chans:
         raise DataError(f"{cfg.name} images have {train.images.shape[1]} channels but data.in_chans={cfg.in_chans}")
     norm = dict(mean=cfg.mean, std=cfg.std, seed=seed, **dist)

@@ -1,4 +1,5 @@
-"""TensorBoard output of a run: scalars, hparams in the same run folder, attention maps."""
+"""What a run logs besides scalars, through any ``engine.loggers.Logger``: hparams with the final
+metrics, and the attention maps of a fixed batch."""
 
 from __future__ import annotations
 
@@ -7,29 +8,21 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.tensorboard import SummaryWriter
-from torch.utils.tensorboard.summary import hparams
 from torchvision.utils import make_grid
 
 from cbam.modules import ChannelGate, SpatialGate
 
+from .loggers import Logger
 
-def write_hparams(writer: SummaryWriter, config: dict, metrics: dict[str, float]) -> None:
-    """HParams plugin data written into ``writer``'s own event file.
 
-    ``SummaryWriter.add_hparams`` opens a new sub-run folder for every call; writing the summaries
-    through the existing file writer keeps hparams and metrics in the run's folder.
-    """
+def write_hparams(logger: Logger, config: dict, metrics: dict[str, float]) -> None:
+    """The config's fields, flattened (``attention.pool``, ...), with the final metrics."""
     flat = {}
     for group in ("model", "attention", "data", "optim", "sched", "trainer"):
         for k, v in config.get(group, {}).items():
             flat[f"{group}.{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
     flat.update(seed=config["seed"], name=config["name"])
-    metric_tags = {f"hparam/{k}": v for k, v in metrics.items()}
-    for summary in hparams(flat, metric_tags):
-        writer.file_writer.add_summary(summary)
-    for tag, value in metric_tags.items():
-        writer.add_scalar(tag, value)
+    logger.hparams(flat, metrics)
 
 
 @contextmanager
@@ -51,7 +44,7 @@ def record_attention(model: nn.Module):
 
 
 @torch.no_grad()
-def log_attention(writer: SummaryWriter, model: nn.Module, images: torch.Tensor, step: int) -> None:
+def log_attention(logger: Logger, model: nn.Module, images: torch.Tensor, step: int) -> None:
     """Spatial maps (last block of each resolution) as images beside the inputs; channel weights as
     histograms per stage. ``model`` is run in eval mode on the fixed batch ``images``."""
     was_training = model.training
@@ -61,13 +54,13 @@ def log_attention(writer: SummaryWriter, model: nn.Module, images: torch.Tensor,
     model.train(was_training)
     size = images.shape[-2:]
     lo, hi = images.amin(dim=(1, 2, 3), keepdim=True), images.amax(dim=(1, 2, 3), keepdim=True)
-    writer.add_image("attention/inputs", make_grid((images - lo) / (hi - lo + 1e-8), nrow=len(images)), step)
+    logger.image("attention/inputs", make_grid((images - lo) / (hi - lo + 1e-8), nrow=len(images)), step)
     last_per_resolution = {tuple(m.shape[-2:]): m for _, m in maps["spatial"]}
     for (h, w), ms in last_per_resolution.items():
         grid = make_grid(F.interpolate(ms, size=size, mode="nearest"), nrow=len(ms), pad_value=1.0)
-        writer.add_image(f"attention/spatial_{h}x{w}", grid, step)
+        logger.image(f"attention/spatial_{h}x{w}", grid, step)
     by_stage: dict[str, list[torch.Tensor]] = {}
     for name, mc in maps["channel"]:
         by_stage.setdefault(name.split(".")[0], []).append(mc.flatten())  # layer1 ... layer4
     for stage, values in by_stage.items():
-        writer.add_histogram(f"attention/channel_weights_{stage}", torch.cat(values), step)
+        logger.histogram(f"attention/channel_weights_{stage}", torch.cat(values), step)

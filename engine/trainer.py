@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from cbam.errors import RunFolderInUse, UserError
@@ -30,6 +29,7 @@ from . import checkpoint as ckpt_io
 from . import distributed as dist
 from .data import build_batches
 from .device import amp_dtype, autocast, compile_mode, resolve_device, set_tf32
+from .loggers import build_logger
 from .metrics import Meter
 from .optim import build_optimizer, build_scheduler
 from .profile import count_gmacs, count_params
@@ -184,7 +184,9 @@ class Trainer:
         if self.resume_path is not None:
             self._load(self.resume_path)
         self.saved_step = self.global_step  # the step of the newest checkpoint
-        self.writer = SummaryWriter(self.run_dir) if self.main else None
+        self.logger = (
+            build_logger(config.get("logger", {}).get("name", "tensorboard"), self.run_dir) if self.main else None
+        )
 
     # ---- setup helpers -------------------------------------------------------------------------
     def _resume_path(self, resume: str | None) -> Path | None:
@@ -355,7 +357,7 @@ class Trainer:
     def _run(self) -> dict | None:
         fixed_images = next(self.val_batches.batches())[0][:8]
         if self.main and self.t.image_every and self.epoch == 0 and self.next_batch == 0:
-            log_attention(self.writer, self.model, self._inputs(fixed_images), 0)
+            log_attention(self.logger, self.model, self._inputs(fixed_images), 0)
         log.info(
             "%s: %s + %s on %s, %.3fM params, %.4f GMACs, %d steps/epoch, device %s x%d; %s",
             self.config["name"], self.config["model"]["arch"], self.config["attention"]["name"], self.d.name,
@@ -373,9 +375,9 @@ class Trainer:
         results = self._results(self.wall_before + time.time() - self.start_wall)
         if self.main:
             write_hparams(
-                self.writer, self.config, {k: results[k] for k in ("top1", "top5", "top1_err", "top5_err", "best_top1")}
+                self.logger, self.config, {k: results[k] for k in ("top1", "top5", "top1_err", "top5_err", "best_top1")}
             )
-            self.writer.close()
+            self.logger.close()
             _write_json(results, self.run_dir / "results.json")
             log.info("done: top-1 %.2f%%, top-5 %.2f%% (best top-1 %.2f%%); results in %s",
                      results["top1"], results["top5"], results["best_top1"], self.run_dir)  # fmt: skip
@@ -433,7 +435,7 @@ class Trainer:
             return
         s = meter.summary()
         lr = self.optimizer.param_groups[0]["lr"]
-        self.writer.add_scalar("train/loss_running", s["loss"], self.global_step)  # epoch mean so far
+        self.logger.scalar("train/loss_running", s["loss"], self.global_step)  # epoch mean so far
         if bar.disable:
             eta = (self.steps_per_epoch - self.next_batch) * self.t.batch_size / max(img_per_s, 1e-9)
             log.info("epoch %d/%d step %d/%d loss %.4f top-1 %.2f%% lr %.4g %.0f img/s eta %.0fs",
@@ -460,18 +462,18 @@ class Trainer:
         self.meter = None
         if not self.main:
             return
-        w = self.writer
+        logger = self.logger
         for split, s in (("train", train), ("val", val)):
             for k in ("loss", "top1", "top5", "top1_err", "top5_err"):
-                w.add_scalar(f"{split}/{k}", s[k], self.epoch)
-        w.add_scalar("lr", self.optimizer.param_groups[0]["lr"], self.epoch)
-        w.add_scalar("throughput/train_img_per_s", self.train_images / max(self.train_time, 1e-9), self.epoch)
-        w.add_scalar("time/train_s_total", self.train_time, self.epoch)
+                logger.scalar(f"{split}/{k}", s[k], self.epoch)
+        logger.scalar("lr", self.optimizer.param_groups[0]["lr"], self.epoch)
+        logger.scalar("throughput/train_img_per_s", self.train_images / max(self.train_time, 1e-9), self.epoch)
+        logger.scalar("time/train_s_total", self.train_time, self.epoch)
         if self.t.image_every and (self.epoch % self.t.image_every == 0 or self.epoch == self.t.epochs):
-            log_attention(w, self.model, self._inputs(fixed_images), self.epoch)
-        w.add_scalar("time/eval_s", time.perf_counter() - eval_tic, self.epoch)
-        w.add_scalar("time/epoch_s", time.perf_counter() - self.epoch_tic, self.epoch)
-        w.flush()
+            log_attention(logger, self.model, self._inputs(fixed_images), self.epoch)
+        logger.scalar("time/eval_s", time.perf_counter() - eval_tic, self.epoch)
+        logger.scalar("time/epoch_s", time.perf_counter() - self.epoch_tic, self.epoch)
+        logger.flush()
         log.info("epoch %d/%d: train loss %.4f top-1 %.2f%% | val loss %.4f top-1 %.2f%% top-5 %.2f%%%s",
                  self.epoch, self.t.epochs, train["loss"], train["top1"], val["loss"], val["top1"], val["top5"],
                  " (best)" if is_best else "")  # fmt: skip

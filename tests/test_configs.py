@@ -122,3 +122,50 @@ def test_help_lists_only_real_options():
               for line in run("train.py", "--help").stdout.splitlines() if ": " in line and "," in line}  # fmt: skip
     assert groups["attention"] == sorted(PRESETS) and groups["model"] == sorted(ARCHS)
     assert not any(option.startswith("base_") for options in groups.values() for option in options)
+
+
+def test_a_new_preset_backbone_data_set_and_logger_each_need_one_registry_entry(tmp_path, monkeypatch):
+    """Registered from outside the project's modules (as a plug-in would), each is usable at once:
+    the preset by create_model, the backbone and the data set by the config schema's choices, the
+    logger by the trainer."""
+    import dataclasses
+
+    from cbam import build_attention, spec
+    from engine import data, loggers
+    from models import factory
+
+    gate = dataclasses.replace(PRESETS["cbam"], name="test_gate", kernel_size=5)
+    monkeypatch.setitem(spec.PRESETS, "test_gate", gate)
+    assert build_attention(32, "test_gate").spatial_gate.conv.kernel_size == (5, 5)
+    monkeypatch.setitem(factory._ARCHS, "resnet10_test", factory._ARCHS["resnet18"])
+    assert factory.create_model("resnet10_test", 10, "test_gate", width=0.25) is not None
+    monkeypatch.setitem(data.IN_MEMORY, "test_set", data.IN_MEMORY["synthetic"])
+
+    written = []
+
+    @loggers.register("test_logger")
+    class ListLogger(loggers.Logger):
+        def scalar(self, tag, value, step):
+            written.append((tag, step))
+
+        def image(self, tag, image, step):
+            written.append((tag, step))
+
+        def histogram(self, tag, values, step):
+            written.append((tag, step))
+
+        def hparams(self, hparams, metrics):
+            written.append(("hparams", metrics["top1"]))
+
+    try:
+        from engine.trainer import Trainer
+
+        config = compose_train("experiment=smoke", "model.width=0.25", "trainer.epochs=1", "trainer.image_every=1",
+                               "trainer.device=cpu")  # fmt: skip
+        config["data"]["name"], config["logger"]["name"] = "test_set", "test_logger"
+        config["model"]["arch"], config["attention"] = "resnet10_test", dataclasses.asdict(gate)
+        results = Trainer(config, tmp_path).run()
+    finally:
+        loggers.LOGGERS.pop("test_logger")
+    assert ("val/top1", 1) in written and ("hparams", results["top1"]) in written
+    assert any(tag.startswith("attention/spatial") for tag, _ in written)

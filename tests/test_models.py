@@ -49,7 +49,18 @@ def test_table4_counts_in_paper_convention(row):
     if row.params_m is not None:
         assert abs(count_params(model) / 1e6 - row.params_m) <= 0.005
     if row.gmacs is not None:
-        assert abs(count_gmacs(model) - row.gmacs) <= 0.001
+        assert round(count_gmacs(model), 3) == row.gmacs  # the paper's column, to its last digit
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_macs_are_the_architecture_s_whatever_the_implementation(impl):
+    """The paper applies Eq. (2)'s shared MLP to each pooled vector: W0 (C -> C/16) and W1 (C/16 -> C)
+    twice per block, whatever algebra the implementation uses."""
+    cbam = create_model("resnet50", attention={"preset": "cbam", "impl": impl}, stride_in_1x1=True)
+    spatial = create_model("resnet50", attention={"preset": "spatial", "impl": impl}, stride_in_1x1=True)
+    widths = [256] * 3 + [512] * 4 + [1024] * 6 + [2048] * 3  # the 16 bottlenecks' output channels
+    mlp = sum(2 * 2 * c * (c // 16) for c in widths)
+    assert count_gmacs(cbam) * 1e9 == pytest.approx(count_gmacs(spatial) * 1e9 + mlp, abs=0.5)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
