@@ -42,7 +42,11 @@ class AttentionModule(nn.Module):
         raise NotImplementedError
 
     def use_fused(self, x: torch.Tensor) -> bool:
-        if self.impl == "reference" or torch.compiler.is_compiling() or torch.jit.is_scripting():
+        # Compilers and exporters see the reference: torch.compile / torch.export fuse it themselves, and
+        # torch.jit.trace cannot record the fused Function's Python-side graphs.
+        if self.impl == "reference" or torch.compiler.is_compiling():
+            return False
+        if torch.jit.is_scripting() or torch.jit.is_tracing():
             return False
         if hooks_present(self):
             return False

@@ -149,3 +149,13 @@ def test_every_preset_in_every_backbone_cifar_size(arch, preset):
 )
 def test_backbones_and_presets_at_imagenet_size(arch, preset):
     _forward_backward(arch, preset, 224, "imagenet")
+
+
+@pytest.mark.parametrize("impl", ["auto", "fused"])
+def test_torch_jit_trace_records_the_reference(impl):
+    """TorchScript tracing of a CBAM model with the default implementation: the traced module gives the
+    eager model's outputs (the fused Function is skipped while tracing)."""
+    model = create_model("resnet18", 10, {"preset": "cbam", "impl": impl}, width=0.25, stem="cifar").eval()
+    traced = torch.jit.trace(model, torch.randn(2, 3, 32, 32))
+    x = torch.randn(4, 3, 32, 32)  # another batch than the traced one
+    torch.testing.assert_close(traced(x), model(x), rtol=1e-4, atol=1e-5)
