@@ -36,7 +36,6 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
         count_gmacs,
         count_params,
         evaluate,
-        ns,
         resolve_device,
         set_tf32,
     )  # fmt: skip
@@ -52,7 +51,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.device)
     set_tf32(device, trainer.get("tf32", False))  # as the run's own validation (no such key: before TF32 was on)
     batch_size = cfg.batch_size or trainer["eval_batch_size"] or trainer["batch_size"]
-    _, val_batches = build_batches(ns(data), 1, batch_size, config["seed"], device)
+    _, val_batches = build_batches(data, 1, batch_size, config["seed"], device)
     model = build_model(config)
     model.load_state_dict(ckpt["model"])
     params, gmacs = count_params(model), count_gmacs(model, (data["in_chans"], data["image_size"], data["image_size"]))

@@ -290,24 +290,24 @@ def _missing_message(name: str, root: str, exc: Exception | None = None, where: 
 
 
 def _folder_transforms(cfg, train: bool):
-    normalize = transforms.Normalize(cfg.mean, cfg.std)
+    normalize = transforms.Normalize(cfg["mean"], cfg["std"])
     if train:  # the paper's ImageNet augmentation
         return transforms.Compose(
             [
-                transforms.RandomResizedCrop(cfg.image_size),
+                transforms.RandomResizedCrop(cfg["image_size"]),
                 transforms.RandomHorizontalFlip(),
                 transforms.ToTensor(),
                 normalize,
             ]
         )
-    resize = cfg.resize_size or round(cfg.image_size * 8 / 7)  # 256 for 224
+    resize = cfg["resize_size"] or round(cfg["image_size"] * 8 / 7)  # 256 for 224
     return transforms.Compose(
-        [transforms.Resize(resize), transforms.CenterCrop(cfg.image_size), transforms.ToTensor(), normalize]
+        [transforms.Resize(resize), transforms.CenterCrop(cfg["image_size"]), transforms.ToTensor(), normalize]
     )
 
 
 def load_image_folder(cfg) -> tuple:
-    root = Path(cfg.root)
+    root = Path(cfg["root"])
     missing = [s for s in ("train", "val") if not (root / s).is_dir()]
     if missing:
         raise DataError(
@@ -317,9 +317,9 @@ def load_image_folder(cfg) -> tuple:
     sets = [torchvision.datasets.ImageFolder(root / s, _folder_transforms(cfg, s == "train")) for s in ("train", "val")]
     if sets[0].classes != sets[1].classes:
         raise DataError(f"train/ and val/ under {root} have different class folders; they must hold the same classes")
-    if len(sets[0].classes) != cfg.num_classes:
+    if len(sets[0].classes) != cfg["num_classes"]:
         raise DataError(
-            f"{root}/train has {len(sets[0].classes)} class folders but data.num_classes={cfg.num_classes}. "
+            f"{root}/train has {len(sets[0].classes)} class folders but data.num_classes={cfg['num_classes']}. "
             f"Fix: pass data.num_classes={len(sets[0].classes)}."
         )
     return sets
@@ -328,10 +328,12 @@ def load_image_folder(cfg) -> tuple:
 # The data sets, by data.name: those held in memory as (train, val) uint8 tensors, by their reader, and
 # ImageFolder trees. Adding one is an entry here and a YAML in configs/data/ (the schema's enum follows).
 IN_MEMORY = {
-    "fashion_mnist": lambda cfg: load_fashion_mnist(cfg.root, cfg.download),
-    "cifar10": lambda cfg: load_cifar("cifar10", cfg.root, cfg.download, getattr(cfg, "verify", True)),
-    "cifar100": lambda cfg: load_cifar("cifar100", cfg.root, cfg.download, getattr(cfg, "verify", True)),
-    "synthetic": lambda cfg: synthetic(cfg.num_classes, cfg.in_chans, cfg.image_size, cfg.train_size, cfg.val_size),
+    "fashion_mnist": lambda cfg: load_fashion_mnist(cfg["root"], cfg["download"]),
+    "cifar10": lambda cfg: load_cifar("cifar10", cfg["root"], cfg["download"], cfg.get("verify", True)),
+    "cifar100": lambda cfg: load_cifar("cifar100", cfg["root"], cfg["download"], cfg.get("verify", True)),
+    "synthetic": lambda cfg: synthetic(
+        cfg["num_classes"], cfg["in_chans"], cfg["image_size"], cfg["train_size"], cfg["val_size"]
+    ),
 }
 IMAGE_FOLDERS = ("imagenet",)
 DATASETS = (*IN_MEMORY, *IMAGE_FOLDERS)
@@ -340,26 +342,28 @@ DATASETS = (*IN_MEMORY, *IMAGE_FOLDERS)
 def build_batches(cfg, batch_size: int, eval_batch_size: int, seed: int, device, rank: int = 0, world_size: int = 1):
     """(train, val) batch iterators for data config ``cfg`` (a ``DataConfig``-shaped mapping)."""
     dist = dict(device=device, rank=rank, world_size=world_size)
-    if cfg.name in IMAGE_FOLDERS:
+    if cfg["name"] in IMAGE_FOLDERS:
         train_set, val_set = load_image_folder(cfg)
         return (
-            FolderBatches(train_set, batch_size, True, seed, cfg.workers, **dist),
-            FolderBatches(val_set, eval_batch_size, False, seed, cfg.workers, **dist),
+            FolderBatches(train_set, batch_size, True, seed, cfg["workers"], **dist),
+            FolderBatches(val_set, eval_batch_size, False, seed, cfg["workers"], **dist),
         )
-    if cfg.name not in IN_MEMORY:
-        raise DataError(f"unknown data set {cfg.name!r}; known: {', '.join(DATASETS)}")
-    train, val = IN_MEMORY[cfg.name](cfg)
-    if train.images.shape[1] != cfg.in_chans:
-        raise DataError(f"{cfg.name} images have {train.images.shape[1]} channels but data.in_chans={cfg.in_chans}")
-    norm = dict(mean=cfg.mean, std=cfg.std, seed=seed, **dist)
+    if cfg["name"] not in IN_MEMORY:
+        raise DataError(f"unknown data set {cfg['name']!r}; known: {', '.join(DATASETS)}")
+    train, val = IN_MEMORY[cfg["name"]](cfg)
+    if train.images.shape[1] != cfg["in_chans"]:
+        raise DataError(
+            f"{cfg['name']} images have {train.images.shape[1]} channels but data.in_chans={cfg['in_chans']}"
+        )
+    norm = dict(mean=cfg["mean"], std=cfg["std"], seed=seed, **dist)
     return (
         TensorBatches(
             train.images,
             train.labels,
             batch_size,
             train=True,
-            augment=cfg.augment,
-            crop_padding=cfg.crop_padding,
+            augment=cfg["augment"],
+            crop_padding=cfg["crop_padding"],
             **norm,
         ),
         TensorBatches(val.images, val.labels, eval_batch_size, train=False, **norm),

@@ -4,8 +4,6 @@ device settings, evaluation and parameter/MAC counts, in one place.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 
 from models import create_model
@@ -16,14 +14,9 @@ from .metrics import Meter
 from .profile import count_gmacs, count_params
 
 __all__ = [
-    "amp_dtype", "autocast", "build_batches", "build_model", "count_gmacs", "count_params", "evaluate", "ns",
+    "amp_dtype", "autocast", "build_batches", "build_model", "count_gmacs", "count_params", "evaluate",
     "resolve_device", "set_tf32",
 ]  # fmt: skip
-
-
-def ns(d: dict) -> SimpleNamespace:
-    """Attribute access to one config group."""
-    return SimpleNamespace(**d)
 
 
 def build_model(config: dict) -> torch.nn.Module:

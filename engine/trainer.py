@@ -33,7 +33,7 @@ from .loggers import build_logger
 from .metrics import Meter
 from .optim import build_optimizer, build_scheduler
 from .profile import count_gmacs, count_params
-from .shared import build_model, evaluate, ns
+from .shared import build_model, evaluate
 from .stopping import StopNow, StopRequest
 from .tblog import log_attention, write_hparams
 
@@ -109,24 +109,24 @@ class Trainer:
     def __init__(self, config: dict, run_dir: Path, stop: StopRequest | None = None):
         validate(config)
         self.config, self.run_dir = config, Path(run_dir)
-        self.t, self.d = ns(config["trainer"]), ns(config["data"])
-        self.stop = stop or StopRequest(self.t.stop_grace_s)
-        self.device = resolve_device(self.t.device)
+        self.t, self.d = config["trainer"], config["data"]
+        self.stop = stop or StopRequest(self.t["stop_grace_s"])
+        self.device = resolve_device(self.t["device"])
         self.rank, self.world_size = dist.init_from_env(self.device)
         self.main = self.rank == 0
         self.run_dir = Path(dist.broadcast_object(str(self.run_dir)))  # rank 0's folder is the run's
         if not self.main and Path(run_dir) != self.run_dir:
             _remove_if_empty(Path(run_dir))
         self.ckpt_dir = self.run_dir / "checkpoints"
-        if self.t.batch_size % self.world_size:
+        if self.t["batch_size"] % self.world_size:
             raise UserError(
-                f"trainer.batch_size={self.t.batch_size} (the global batch) must be divisible by the "
+                f"trainer.batch_size={self.t['batch_size']} (the global batch) must be divisible by the "
                 f"{self.world_size} processes"
             )
         self.resume_path = self._resume_path(config.get("resume"))
         if self.main:
             self._check_writable()
-        if self.t.deterministic:
+        if self.t["deterministic"]:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
@@ -134,40 +134,40 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
         seed_everything(config["seed"])
 
-        eval_batch = self.t.eval_batch_size or self.t.batch_size
+        eval_batch = self.t["eval_batch_size"] or self.t["batch_size"]
         self.train_batches, self.val_batches = build_batches(
-            self.d, self.t.batch_size // self.world_size, max(1, eval_batch // self.world_size), config["seed"],
+            self.d, self.t["batch_size"] // self.world_size, max(1, eval_batch // self.world_size), config["seed"],
             self.device, self.rank, self.world_size,
         )  # fmt: skip
         self.steps_per_epoch = len(self.train_batches)
-        if self.t.limit_train_batches:
-            self.steps_per_epoch = min(self.steps_per_epoch, self.t.limit_train_batches)
+        if self.t["limit_train_batches"]:
+            self.steps_per_epoch = min(self.steps_per_epoch, self.t["limit_train_batches"])
         if self.steps_per_epoch < 1:
             raise UserError(
-                f"trainer.batch_size={self.t.batch_size} is larger than the training set "
+                f"trainer.batch_size={self.t['batch_size']} is larger than the training set "
                 f"({self.train_batches.num_samples} images): no full batch per epoch"
             )
 
         self.model = build_model(config)
         self.params = count_params(self.model)
-        self.gmacs = count_gmacs(self.model, (self.d.in_chans, self.d.image_size, self.d.image_size))
+        self.gmacs = count_gmacs(self.model, (self.d["in_chans"], self.d["image_size"], self.d["image_size"]))
         self.model.to(self.device)
-        if self.t.channels_last:
+        if self.t["channels_last"]:
             self.model.to(memory_format=torch.channels_last)
-        if self.world_size > 1 and self.t.sync_bn:
+        if self.world_size > 1 and self.t["sync_bn"]:
             self.model = dist.convert_sync_batchnorm(self.model, self.device)
-        self.optimizer = build_optimizer(self.model, ns(config["optim"]))
-        self.scheduler = build_scheduler(self.optimizer, ns(config["sched"]), self.t.epochs, self.steps_per_epoch)
-        self.amp_dtype = amp_dtype(self.t.amp, self.device)
-        set_tf32(self.device, self.t.tf32)
+        self.optimizer = build_optimizer(self.model, config["optim"])
+        self.scheduler = build_scheduler(self.optimizer, config["sched"], self.t["epochs"], self.steps_per_epoch)
+        self.amp_dtype = amp_dtype(self.t["amp"], self.device)
+        set_tf32(self.device, self.t["tf32"])
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
-        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=self.t.label_smoothing)
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=self.t["label_smoothing"])
 
         self.eager_model = self.model
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.eager_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.compile_mode = compile_mode(self.t.compile, self.t.compile_mode, self.device, self.world_size)
+        self.compile_mode = compile_mode(self.t["compile"], self.t["compile_mode"], self.device, self.world_size)
         self.train_model = self.eager_model
         if self.compile_mode is not None:
             try:
@@ -268,7 +268,7 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.t.channels_last else x
+        return x.contiguous(memory_format=torch.channels_last) if self.t["channels_last"] else x
 
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss and logits of one batch, gradients computed; a compiled model that fails to compile or
@@ -307,8 +307,8 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         # The global norm is needed anyway to catch non-finite gradients; the rescaling pass only with clipping.
         norm = total_grad_norm(self.model.parameters())
-        if self.t.grad_clip:
-            clip_grads_with_norm_(self.model.parameters(), self.t.grad_clip, norm)
+        if self.t["grad_clip"]:
+            clip_grads_with_norm_(self.model.parameters(), self.t["grad_clip"], norm)
         if not self.scaler.is_enabled() and not math.isfinite(norm.item()):  # gradients are all-reduced
             raise NonFiniteError(self._nonfinite_message("gradient norm"))
         with self.stop.critical():  # the update and its bookkeeping: a late stop waits for them
@@ -328,7 +328,7 @@ class Trainer:
 
     def evaluate(self) -> dict:
         meter = evaluate(self.model, self.val_batches, self.criterion, self.device, self.amp_dtype,
-                         self.t.channels_last, self.t.limit_val_batches)  # fmt: skip
+                         self.t["channels_last"], self.t["limit_val_batches"])  # fmt: skip
         return meter.summary(dist.all_reduce_sum(meter.sums))
 
     def run(self) -> dict | None:
@@ -356,15 +356,15 @@ class Trainer:
 
     def _run(self) -> dict | None:
         fixed_images = next(self.val_batches.batches())[0][:8]
-        if self.main and self.t.image_every and self.epoch == 0 and self.next_batch == 0:
+        if self.main and self.t["image_every"] and self.epoch == 0 and self.next_batch == 0:
             log_attention(self.logger, self.model, self._inputs(fixed_images), 0)
         log.info(
             "%s: %s + %s on %s, %.3fM params, %.4f GMACs, %d steps/epoch, device %s x%d; %s",
-            self.config["name"], self.config["model"]["arch"], self.config["attention"]["name"], self.d.name,
+            self.config["name"], self.config["model"]["arch"], self.config["attention"]["name"], self.d["name"],
             self.params / 1e6, self.gmacs, self.steps_per_epoch, self.device, self.world_size,
             ", ".join(f"{k} {v}" for k, v in self.settings().items()),
         )  # fmt: skip
-        while self.epoch < self.t.epochs:
+        while self.epoch < self.t["epochs"]:
             if dist.broadcast_flag(self.stop.requested, self.device):  # arrived during evaluation
                 log.warning("stopped after epoch %d; checkpoint %s", self.epoch, self.ckpt_dir / "last.pt")
                 dist.cleanup()
@@ -392,7 +392,7 @@ class Trainer:
         meter = self.meter = Meter(self.device, self.meter_state)
         self.meter_state = None
         bar = tqdm(
-            total=self.steps_per_epoch, initial=self.next_batch, desc=f"epoch {self.epoch + 1}/{self.t.epochs}",
+            total=self.steps_per_epoch, initial=self.next_batch, desc=f"epoch {self.epoch + 1}/{self.t['epochs']}",
             disable=not (self.main and sys.stderr.isatty()), dynamic_ncols=True, leave=False,
         )  # fmt: skip
         tic, images = time.perf_counter(), 0
@@ -405,10 +405,10 @@ class Trainer:
             if self.steps_this_run == WARMUP_STEPS:  # leave the warm-up out of the throughput
                 self.warmup_time += time.perf_counter() - tic
                 tic, images = time.perf_counter(), 0
-            if self.global_step % self.t.log_every == 0 or self.next_batch == self.steps_per_epoch:
+            if self.global_step % self.t["log_every"] == 0 or self.next_batch == self.steps_per_epoch:
                 self._log_progress(meter, bar, images / (time.perf_counter() - tic))
             bar.update(1)
-            if self.t.ckpt_every_steps and self.global_step % self.t.ckpt_every_steps == 0:
+            if self.t["ckpt_every_steps"] and self.global_step % self.t["ckpt_every_steps"] == 0:
                 self._account(tic, images)
                 tic, images = time.perf_counter(), 0
                 self._save(("last.pt",), meter)
@@ -437,9 +437,9 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         self.logger.scalar("train/loss_running", s["loss"], self.global_step)  # epoch mean so far
         if bar.disable:
-            eta = (self.steps_per_epoch - self.next_batch) * self.t.batch_size / max(img_per_s, 1e-9)
+            eta = (self.steps_per_epoch - self.next_batch) * self.t["batch_size"] / max(img_per_s, 1e-9)
             log.info("epoch %d/%d step %d/%d loss %.4f top-1 %.2f%% lr %.4g %.0f img/s eta %.0fs",
-                     self.epoch + 1, self.t.epochs, self.next_batch, self.steps_per_epoch, s["loss"], s["top1"],
+                     self.epoch + 1, self.t["epochs"], self.next_batch, self.steps_per_epoch, s["loss"], s["top1"],
                      lr, img_per_s, eta)  # fmt: skip
         else:
             bar.set_postfix(loss=f"{s['loss']:.4f}", top1=f"{s['top1']:.2f}", img_s=f"{img_per_s:.0f}", lr=f"{lr:.3g}")
@@ -469,13 +469,13 @@ class Trainer:
         logger.scalar("lr", self.optimizer.param_groups[0]["lr"], self.epoch)
         logger.scalar("throughput/train_img_per_s", self.train_images / max(self.train_time, 1e-9), self.epoch)
         logger.scalar("time/train_s_total", self.train_time, self.epoch)
-        if self.t.image_every and (self.epoch % self.t.image_every == 0 or self.epoch == self.t.epochs):
+        if self.t["image_every"] and (self.epoch % self.t["image_every"] == 0 or self.epoch == self.t["epochs"]):
             log_attention(logger, self.model, self._inputs(fixed_images), self.epoch)
         logger.scalar("time/eval_s", time.perf_counter() - eval_tic, self.epoch)
         logger.scalar("time/epoch_s", time.perf_counter() - self.epoch_tic, self.epoch)
         logger.flush()
         log.info("epoch %d/%d: train loss %.4f top-1 %.2f%% | val loss %.4f top-1 %.2f%% top-5 %.2f%%%s",
-                 self.epoch, self.t.epochs, train["loss"], train["top1"], val["loss"], val["top1"], val["top5"],
+                 self.epoch, self.t["epochs"], train["loss"], train["top1"], val["loss"], val["top1"], val["top5"],
                  " (best)" if is_best else "")  # fmt: skip
 
     def settings(self) -> dict:
@@ -484,7 +484,7 @@ class Trainer:
         fused = any(i == "fused" or (i == "auto" and auto_uses_fused(self.device.type)) for i in impls)
         return {
             "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "float32",
-            "tf32": self.t.tf32 and self.device.type == "cuda",
+            "tf32": self.t["tf32"] and self.device.type == "cuda",
             "compile": self.compile_mode or "off",
             "attention_impl": ("fused" if fused and self.compile_mode is None else "reference") if impls else "none",
         }

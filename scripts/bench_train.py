@@ -25,7 +25,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from engine.config import register_configs, to_container
-from engine.shared import amp_dtype, autocast, build_batches, build_model, ns, resolve_device
+from engine.shared import amp_dtype, autocast, build_batches, build_model, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def bare_loop(config: dict, steps: int) -> float:
     torch.manual_seed(0)
     t, o = config["trainer"], config["optim"]
     device = resolve_device(t["device"])
-    train, _ = build_batches(ns(config["data"]), t["batch_size"], t["batch_size"], config["seed"], device)
+    train, _ = build_batches(config["data"], t["batch_size"], t["batch_size"], config["seed"], device)
     model = build_model(config).to(device, memory_format=torch.channels_last).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=o["momentum"], weight_decay=o["weight_decay"],
                           nesterov=o["nesterov"])  # fmt: skip
