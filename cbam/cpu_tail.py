@@ -5,12 +5,12 @@ inductor graph (channel pooling; the spatial descriptor, which needs the channel
 which needs the spatial gate), and at ResNet-50's stage 1-2 sizes x is larger than the L3, so each
 read comes from memory. The kernel here goes down the rows of each image and writes output row
 r - k//2 right after the descriptor of row r, so the output pass re-reads x from L2: two reads from
-memory instead of three. It also does the 7x7 conv on the two (H, W) maps directly (oneDNN spends
-30-50 us setting up such a conv) and skips the compiled graph's guards; what it computes between
-its two passes (the MLP of Eq. 2) is plain torch. Inductor cannot generate this loop nest (it fuses
-by whole-tensor reductions), and ``torch.utils.cpp_extension`` would compile torch's headers on first
-use (a minute or more on a small CPU, and it needs ninja): this file is compiled alone with the C++
-compiler that inductor already requires, in about a second, and called through ``ctypes``.
+memory instead of three. It also does the 7x7 conv on the two (H, W) maps directly (oneDNN's setup
+of such a small conv costs more than the conv, docs/performance.md) and skips the compiled graph's
+guards; what it computes between its two passes (the MLP of Eq. 2) is plain torch. Inductor cannot
+generate this loop nest (it fuses by whole-tensor reductions), and ``torch.utils.cpp_extension``
+would compile torch's headers on first use (slow on a small CPU, and it needs ninja): this file is
+compiled alone with the C++ compiler that inductor already requires, and called through ``ctypes``.
 
 Used for float32 channels_last maps in evaluation (running BatchNorm statistics, nothing recorded
 for backward) with the orders channel_first, parallel, channel and spatial; everything else runs

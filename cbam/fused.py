@@ -16,8 +16,8 @@ gradients written out, the MLP's and the k x k conv's included, compiled whole w
 ``torch.compile`` (inductor: C++ on CPU, Triton on CUDA). A pointwise prologue (BN, gates, ReLU
 mask) fuses into each full-size reduction and nothing full-size is materialised in between; one
 compiled call per direction and block measured far cheaper than separate kernels with the small
-parts run as autograd graphs between them (ResNet-50 training step, 2-core CPU: Python, guards and
-small-graph work cost about 50 ms of a 1.2 s step that way). Without gradients the same forward
+parts run as autograd graphs between them (Python, guards and small-graph work; figures in
+docs/performance.md). Without gradients the same forward
 runs without keeping anything; on the CPU, evaluation of float32 channels_last maps goes to a
 hand-written kernel instead (``cbam.cpu_tail``: two passes over x where the graph needs three).
 
@@ -242,10 +242,9 @@ def _hw_tile(x: torch.Tensor) -> int:
 
     Written here because inductor's C++ loop for such a reduction walks each vector of channels down
     all H*W rows (a stride of C floats); summing tiles of a few rows first, then the tiles, keeps the
-    working set in L1. For the channel pooling this measured 1.3-3x faster on ResNet-50's maps (7 rows
-    did best of 4-16), for x's statistics 1.1-2.3x (stage 4 to 3); backward's per-channel sums, whose
-    reductions carry a longer prologue, measured slower with it (stage 1: 3.8 -> 5.2 ms) and reduce in
-    one step."""
+    working set in L1. The channel pooling and x's statistics measured faster with it (7 rows did best
+    of 4 to 16); backward's per-channel sums, whose reductions carry a longer prologue, measured slower
+    and reduce in one step (docs/performance.md)."""
     n, c, h, w = x.shape
     if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
         return 1
@@ -351,7 +350,7 @@ def k_channel_sums(g, x, s, t, mean, a, b, v_terms, v_has_a, cmax):
     dL/da and the BatchNorm's dgamma and dbeta are linear in these (``_channel_and_bn_grads``), so the
     input-gradient pass needs no reduction of its own. Reducing d(BN output) over N, H, W there cost
     more than this whole pass: inductor stored it in full, then walked it channel block by channel
-    block (ResNet-50 training step, 2-core CPU: the fused tails' time 331 -> 279 ms)."""
+    block (docs/performance.md)."""
     xc = _acc(x) - mean[None, :, None, None]
     f = _bn(x, s, t)
     g = _gated(_acc(g), None, b)
@@ -613,8 +612,8 @@ def _stored(*terms):
     """The small tensors ``terms`` (None passed through), computed once into memory.
 
     Inductor inlines a pointwise result of small tensors (d_max / ties, say) into every full-size loop
-    that reads it and recomputes it per element: the input-gradient pass of a ResNet-50 stage-1 block
-    took 7.8 ms that way, 4.6 ms with its terms stored. Behind one op that it cannot look into (the
+    that reads it and recomputes it per element, which made the input-gradient pass markedly slower
+    (docs/performance.md). Behind one op that it cannot look into (the
     terms packed into one tensor) they are computed once."""
     return tuple(None if t is None else _stored_copy(t) for t in terms)
 
