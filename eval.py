@@ -52,7 +52,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     set_tf32(device, trainer.get("tf32", False))  # as the run's own validation (no such key: before TF32 was on)
     batch_size = cfg.batch_size or trainer["eval_batch_size"] or trainer["batch_size"]
     _, val_batches = build_batches(data, 1, batch_size, config["seed"], device)
-    model = build_model(config)
+    model = build_model(config, pretrained=False)
     model.load_state_dict(ckpt["model"])
     params, gmacs = count_params(model), count_gmacs(model, (data["in_chans"], data["image_size"], data["image_size"]))
     model.to(device)

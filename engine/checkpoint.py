@@ -76,6 +76,9 @@ def load(path: str | Path) -> dict:
 ARCH_KEYS = (("model",), ("attention",), ("data", "num_classes"), ("data", "in_chans"))
 
 
+NOT_ARCHITECTURE = ("name", "impl", "drop_rate", "pretrained")  # fields that do not change any tensor's shape
+
+
 def architecture(config: dict) -> dict:
     """The shape-deciding config entries, flattened: {"model.arch": ..., "attention.pool": ...}."""
     flat = {}
@@ -84,7 +87,7 @@ def architecture(config: dict) -> dict:
         for k in keys:
             node = node[k]
         if isinstance(node, dict):
-            flat.update({f"{keys[0]}.{k}": v for k, v in node.items() if k not in ("name", "impl", "drop_rate")})
+            flat.update({f"{keys[0]}.{k}": v for k, v in node.items() if k not in NOT_ARCHITECTURE})
         else:
             flat[".".join(keys)] = node
     return flat

@@ -67,6 +67,7 @@ class ModelConfig:
     stride_in_1x1: Optional[bool] = None
     zero_init_residual: Optional[bool] = None
     drop_rate: float = 0.0
+    pretrained: Optional[str] = None  # torchvision | timm | path to a checkpoint (models/pretrained.py)
 
 
 @dataclass

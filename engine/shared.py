@@ -19,11 +19,13 @@ __all__ = [
 ]  # fmt: skip
 
 
-def build_model(config: dict) -> torch.nn.Module:
-    """The network a config describes (also used by ``eval.py``)."""
+def build_model(config: dict, pretrained: bool = True) -> torch.nn.Module:
+    """The network a config describes; ``pretrained=False`` skips ``model.pretrained`` (weights that a
+    checkpoint is about to replace: a resumed run, ``eval.py``)."""
     m, d = config["model"], config["data"]
     stem = m["stem"] if m["stem"] != "auto" else ("cifar" if d["image_size"] <= 64 else "imagenet")
-    options = {k: v for k, v in m.items() if k not in ("arch", "stem") and v is not None}
+    skip = ("arch", "stem") if pretrained else ("arch", "stem", "pretrained")
+    options = {k: v for k, v in m.items() if k not in skip and v is not None}
     return create_model(m["arch"], d["num_classes"], config["attention"], in_chans=d["in_chans"], stem=stem, **options)
 
 

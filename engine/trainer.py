@@ -148,7 +148,7 @@ class Trainer:
                 f"({self.train_batches.num_samples} images): no full batch per epoch"
             )
 
-        self.model = build_model(config)
+        self.model = build_model(config, pretrained=self.resume_path is None)
         self.params = count_params(self.model)
         self.gmacs = count_gmacs(self.model, (self.d["in_chans"], self.d["image_size"], self.d["image_size"]))
         self.model.to(self.device)

@@ -8,6 +8,7 @@ from functools import partial
 from torch import nn
 
 from .mobilenet import MobileNetV1
+from .pretrained import load_pretrained
 from .resnet import BasicBlock, Bottleneck, ResNet
 
 _ARCHS: dict[str, Callable[..., nn.Module]] = {
@@ -27,13 +28,18 @@ _ARCHS: dict[str, Callable[..., nn.Module]] = {
 ARCHS = tuple(_ARCHS)
 
 
-def create_model(arch: str, num_classes: int = 1000, attention="none", **kwargs) -> nn.Module:
+def create_model(
+    arch: str, num_classes: int = 1000, attention="none", pretrained: str | None = None, **kwargs
+) -> nn.Module:
     """Build backbone ``arch`` with ``attention`` (a preset name, a mapping of fields or a spec)
     in every block.
 
     Keyword options: ``in_chans``, ``stem`` ("imagenet" | "cifar"), ``width`` (multiplier),
     ``stride_in_1x1`` (ResNet v1 when True, v1.5 when False), ``zero_init_residual``, ``drop_rate``.
+    ``pretrained``: "torchvision", "timm" (their ImageNet weights of the backbone) or a checkpoint path
+    (this project's, or the CBAM authors' released one); see ``models.pretrained``.
     """
     if arch not in _ARCHS:
         raise ValueError(f"unknown model {arch!r}; valid models: {', '.join(ARCHS)}")
-    return _ARCHS[arch](num_classes=num_classes, attention=attention, **kwargs)
+    model = _ARCHS[arch](num_classes=num_classes, attention=attention, **kwargs)
+    return model if pretrained is None else load_pretrained(model, arch, pretrained)
