@@ -19,12 +19,14 @@ machine is) and a 95% confidence interval for their median (how sure the median 
 ``--reps`` grows, where the quartiles do not). ``--measure`` times the training step or inference alone.
 
 ``NAME@MODE`` is variant NAME under ``torch.compile(mode=MODE)`` of the whole model (the reference
-modules inside, fused by inductor); ``cbam (default)`` is what ``attention=cbam`` with the trainer's
-defaults runs on the device (``engine.device``). "timm resnet50-cbam" is timm's own ``resnet50`` with
-``block_args={"attn_layer": "cbam"}``. The first warm-up step of each variant (compilation, autotuning, CUDA-graph
-capture) is timed apart and reported as ``first_step_s``; a variant whose first step runs past
-``--first-step-limit`` seconds is dropped with a note. On CUDA, ``peak_step_mib`` is the peak memory of
-one training step above what the models hold between steps. ``--json`` writes every figure to a file.
+modules inside, fused by inductor); ``cbam (default)`` and ``none (default)`` are what ``attention=cbam``
+and ``none`` with the trainer's defaults run on the device (``engine.device``). "timm resnet50-cbam" is
+timm's own ``resnet50`` with ``block_args={"attn_layer": "cbam"}``. The first warm-up step of each
+variant (compilation, autotuning, CUDA-graph capture) is timed apart and reported as
+``first_step_s``; a variant whose first step runs past ``--first-step-limit`` seconds is dropped with a
+note. On CUDA, ``peak_step_mib`` is the peak memory of one training step above what the models hold
+between steps. ``--json`` writes every figure to a file; a compiled variant is also compared with no
+attention compiled the same way, when that is measured.
 
 On the CPU, glibc's malloc hands blocks over 32 MiB back to the system when they are freed, and the
 next such allocation page-faults its memory in afresh; whether a tensor pays for that depends on what
@@ -85,11 +87,12 @@ def _timm_model(arch: str) -> nn.Module:
 DEFAULT_VARIANTS = ("none", "se", "cbam (fused)", "cbam (reference)", "timm cbam")
 
 
-def default_cbam(device: torch.device) -> str:
-    """The variant that ``attention=cbam`` with the trainer's defaults runs on ``device``."""
-    impl = "fused" if auto_uses_fused(device.type) else "reference"
+def default_variant(name: str, device: torch.device) -> str:
+    """``cbam (default)`` / ``none (default)``: what ``attention=cbam`` / ``none`` with the trainer's
+    defaults runs on ``device`` (the implementation and the torch.compile mode)."""
     mode = compile_mode(None, "auto", device)
-    return f"cbam ({impl})" + (f"@{mode}" if mode else "")
+    base = "none" if name == "none (default)" else f"cbam ({'fused' if auto_uses_fused(device.type) else 'reference'})"
+    return base + (f"@{mode}" if mode else "")
 
 
 def build(name: str, arch: str) -> tuple[nn.Module, str | None]:
@@ -185,7 +188,7 @@ def main(argv=None) -> int:
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 1000, (args.batch,), device=device)
     names = ["none", *(n for n in (args.only or DEFAULT_VARIANTS) if n != "none")]
-    names = [default_cbam(device) if n == "cbam (default)" else n for n in names]
+    names = [default_variant(n, device) if n.endswith("(default)") else n for n in names]
     names = list(dict.fromkeys(names))
     models, modes = {}, {}
     for name in names:
@@ -303,7 +306,7 @@ def main(argv=None) -> int:
                     peak.get(same_mode),
                 )  # fmt: skip
         meta = {k: v for k, v in vars(args).items() if k not in ("json", "only")}
-        meta.update(device_name=dev, torch=torch.__version__, default_cbam=default_cbam(device))
+        meta.update(device_name=dev, torch=torch.__version__, default_cbam=default_variant("cbam (default)", device))
         args.json.write_text(json.dumps({"meta": meta, "variants": figures, "dropped": dropped}, indent=2))
     print("| variant | train step (s) | train ratio | quartiles | 95% CI | inference (s) | inference ratio "
           "| quartiles | 95% CI | saved MiB | saved ratio |")  # fmt: skip

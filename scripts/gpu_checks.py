@@ -50,7 +50,7 @@ CANDIDATES = {
 # Eager variants first (seconds), then the compiled ones, each of whose first steps may take minutes on
 # a cold cache: those past --first-step-limit are reported as dropped. More with --variants.
 TRAIN_STEP_VARIANTS = [
-    "none", "cbam (reference)", "timm {arch}-cbam", "cbam (default)", "none@default", "timm {arch}-cbam@default",
+    "none", "cbam (reference)", "timm {arch}-cbam", "cbam (default)", "none (default)", "timm {arch}-cbam@default",
 ]  # fmt: skip
 QUICKSTART_RUNS = ("defaults", "eager reference")  # more with --candidates
 # Seconds per step on CUDA (the CPU mode allows more: compilation on a small CPU is slower).
