@@ -369,7 +369,7 @@ class Trainer:
                 log.warning("stopped after epoch %d; checkpoint %s", self.epoch, self.ckpt_dir / "last.pt")
                 dist.cleanup()
                 return None
-            if not self._train_epoch(self.stop):
+            if not self._train_epoch():
                 return None
             self._end_epoch(fixed_images)
         results = self._results(self.wall_before + time.time() - self.start_wall)
@@ -384,7 +384,7 @@ class Trainer:
         dist.cleanup()
         return results
 
-    def _train_epoch(self, stop: StopRequest) -> bool:
+    def _train_epoch(self) -> bool:
         """One epoch from ``next_batch`` on; False if a stop was requested (checkpoint written)."""
         self.model.train()
         self.epoch_tic = time.perf_counter()
@@ -412,7 +412,7 @@ class Trainer:
                 self._account(tic, images)
                 tic, images = time.perf_counter(), 0
                 self._save(("last.pt",), meter)
-            if dist.broadcast_flag(stop.requested, self.device) and self.next_batch < self.steps_per_epoch:
+            if dist.broadcast_flag(self.stop.requested, self.device) and self.next_batch < self.steps_per_epoch:
                 bar.close()
                 self._account(tic, images)
                 path = self._save(("last.pt",), meter)
