@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -173,6 +174,7 @@ def register_configs(app: str = "train") -> None:
     """Register the schemas of ``app`` (train | eval); YAML files name them in their defaults list
     (``base_train``, ``base_eval``, ``/schema/<group>@_here_``)."""
     cs = ConfigStore.instance()
+    OmegaConf.register_new_resolver("run_name", run_name, replace=True)  # hydra.sweep.subdir
     if app == "eval":
         cs.store(name="base_eval", node=EvalConfig)
         return
@@ -188,6 +190,56 @@ def register_configs(app: str = "train") -> None:
         ("logger", LoggerConfig),
     ]:
         cs.store(group="schema", name=group, node=node)
+
+
+# A group override names the option of a group; its config field is the option's name.
+GROUP_FIELDS = {"model": "model.arch", "attention": "attention.name", "data": "data.name", "optim": "optim.name",
+                "sched": "sched.name", "logger": "logger.name"}  # fmt: skip
+# Overrides that say where things are or how the sweep is run, not what is trained.
+NOT_RUN_FIELDS = ("hydra", "experiment", "data.root", "paths", "resume", "name")
+
+
+def run_overrides(overrides: list[str]) -> list[tuple[str, str, str]]:
+    """(override key, config field, value) of each command-line or sweep override that changes what is
+    trained, in the given order: ``attention=cbam`` -> ``("attention", "attention.name", "cbam")``."""
+    found = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        key = key.lstrip("+~")
+        if not sep or any(key == k or key.startswith((k + ".", k + "/")) for k in NOT_RUN_FIELDS):
+            continue
+        found.append((key, GROUP_FIELDS.get(key, key), value))
+    return found
+
+
+SWEPT_KEYS_ENV = "CBAM_SWEPT_KEYS"  # the command line's swept keys, for job processes that cannot see it
+
+
+def note_swept_keys(argv: list[str]) -> None:
+    """Remember which keys a multirun command line sweeps (``attention=none,cbam``) in the environment,
+    which the jobs inherit whatever the launcher (local, or submitit's processes on other hosts)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in argv if "=" in a and not a.startswith("-")])
+    except Exception:  # Hydra reports a malformed command line itself
+        return
+    os.environ[SWEPT_KEYS_ENV] = ",".join(o.key_or_group for o in parsed if o.is_sweep_override())
+
+
+def swept_overrides(overrides: list[str], sweeper_params) -> list[str]:
+    """A sweep job's overrides that differ between the sweep's jobs (``attention=cbam``, ``seed=1``: the keys
+    that the command line or ``hydra.sweeper.params`` sweep), in the given order; all those that change
+    what is trained (``run_overrides``) when the swept keys are unknown."""
+    swept = set(filter(None, os.environ.get(SWEPT_KEYS_ENV, "").split(","))) | set(sweeper_params or {})
+    return [f"{key}={value}" for key, _, value in run_overrides(list(overrides)) if key in swept or not swept]
+
+
+def run_name(overrides: list[str], sweeper_params, job_num: int) -> str:
+    """A sweep job's folder name: its ``swept_overrides`` joined by commas (``attention=cbam,seed=1``), ``/``
+    replaced by ``_`` so that it stays one folder; the job number when there is none."""
+    name = ",".join(swept_overrides(overrides, sweeper_params)).replace("/", "_")
+    return name[:200] if name else str(job_num)
 
 
 def to_container(cfg: DictConfig) -> dict:

@@ -42,7 +42,9 @@ class Logger:
     def histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
         raise NotImplementedError
 
-    def hparams(self, hparams: dict[str, int | float | str | bool], metrics: dict[str, float]) -> None:
+    def hparams(self, hparams: dict[str, int | float | str], metrics: dict[str, float], varying: set[str]) -> None:
+        """``hparams`` in the order to show them; ``metrics`` keyed by scalar tags already logged;
+        ``varying``: the hparams that this run's overrides set (what differs between a sweep's runs)."""
         raise NotImplementedError
 
     def flush(self) -> None:
@@ -71,16 +73,36 @@ class TensorBoardLogger(Logger):
     def histogram(self, tag, values, step):
         self.writer.add_histogram(tag, values, step)
 
-    def hparams(self, hparams, metrics):
-        """HParams plugin data written into the run's own event file: ``SummaryWriter.add_hparams`` would
-        open a sub-run folder for every call."""
-        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+    def hparams(self, hparams, metrics, varying):
+        """The HParams plugin's experiment, session start and end, written into the run's own event file
+        (``SummaryWriter.add_hparams`` would open a sub-run folder and add one-dot ``hparam/*`` charts).
+        The metrics are the run's own scalar series (the plugin reads their last values). TensorBoard
+        lists the hparams marked as differing first, each part by name, and shows five by default."""
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 
-        metric_tags = {f"hparam/{k}": v for k, v in metrics.items()}
-        for summary in hparams_summaries(hparams, metric_tags):
-            self.writer.file_writer.add_summary(summary)
-        for tag, value in metric_tags.items():
-            self.writer.add_scalar(tag, value)
+        def summary(tag: str, **data) -> Summary:
+            content = plugin_data_pb2.HParamsPluginData(version=metadata.PLUGIN_DATA_VERSION, **data)
+            return Summary(value=[Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(content))])
+
+        start = plugin_data_pb2.SessionStartInfo()
+        infos = []
+        for name, value in hparams.items():
+            number = isinstance(value, (int, float))
+            if number:
+                start.hparams[name].number_value = value
+            else:
+                start.hparams[name].string_value = str(value)
+            kind = api_pb2.DATA_TYPE_FLOAT64 if number else api_pb2.DATA_TYPE_STRING
+            infos.append(api_pb2.HParamInfo(name=name, type=kind, differs=name in varying))
+        experiment = api_pb2.Experiment(
+            hparam_infos=infos, metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=t)) for t in metrics]
+        )
+        end = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS)
+        for s in (summary(metadata.EXPERIMENT_TAG, experiment=experiment),
+                  summary(metadata.SESSION_START_INFO_TAG, session_start_info=start),
+                  summary(metadata.SESSION_END_INFO_TAG, session_end_info=end)):  # fmt: skip
+            self.writer.file_writer.add_summary(s)
 
     def flush(self):
         self.writer.flush()

@@ -3,26 +3,58 @@ metrics, and the attention maps of a fixed batch."""
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.utils import make_grid
 
 from cbam.modules import ChannelGate, SpatialGate
 
+from .config import run_overrides
+from .gradcam import grad_cam, last_stage
 from .loggers import Logger
+from .overlay import overlay, to_unit_range
+
+# Shown first in TensorBoard's HParams tab, by these short names; other fields only when overridden.
+KEY_FIELDS = {"model.arch": "arch", "attention.name": "attention", "optim.lr": "lr",
+              "trainer.batch_size": "batch_size", "trainer.epochs": "epochs", "seed": "seed"}  # fmt: skip
+# The hparams' metrics: scalar series of every run (the last value counts).
+METRICS = ("val/top1", "val/top5", "model/params_M", "model/GMACs", "throughput/train_img_per_s")
 
 
-def write_hparams(logger: Logger, config: dict, metrics: dict[str, float]) -> None:
-    """The config's fields, flattened (``attention.pool``, ...), with the final metrics."""
-    flat = {}
-    for group in ("model", "attention", "data", "optim", "sched", "trainer"):
-        for k, v in config.get(group, {}).items():
-            flat[f"{group}.{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    flat.update(seed=config["seed"], name=config["name"])
-    logger.hparams(flat, metrics)
+def _field(config: dict, path: str):
+    value = config
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def run_hparams(config: dict, overrides: list[str]) -> tuple[dict[str, int | float | str], set[str]]:
+    """The hparams a run is compared by: ``KEY_FIELDS`` and every field its overrides set (by config path,
+    ``attention.kernel_size``), in that order; numbers as numbers, anything else as text (booleans as
+    ``true``/``false``). Also the names that the overrides set (they differ across a sweep's runs)."""
+    names = dict(KEY_FIELDS)
+    varying = set()
+    for _key, field, _value in run_overrides(overrides):
+        varying.add(names.setdefault(field, field))
+    hparams: dict[str, int | float | str] = {}
+    for field, name in names.items():
+        value = _field(config, field)
+        if value is None and field not in KEY_FIELDS:
+            continue
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        hparams[name] = value if is_number else value if isinstance(value, str) else json.dumps(value)
+    return hparams, varying
+
+
+def write_hparams(logger: Logger, config: dict, metrics: dict[str, float], overrides: list[str]) -> None:
+    """The run's hparams (``run_hparams``) with its final ``metrics`` (keyed by the tags in ``METRICS``)."""
+    hparams, varying = run_hparams(config, overrides)
+    logger.hparams(hparams, metrics, varying)
 
 
 @contextmanager
@@ -43,22 +75,27 @@ def record_attention(model: nn.Module):
             h.remove()
 
 
-@torch.no_grad()
 def log_attention(logger: Logger, model: nn.Module, images: torch.Tensor, step: int) -> None:
-    """Spatial maps (last block of each resolution) as images beside the inputs; channel weights as
-    histograms per stage. ``model`` is run in eval mode on the fixed batch ``images``."""
+    """What the network looks at on the fixed batch ``images`` (run in eval mode): the inputs; the spatial
+    attention maps (last block of each resolution) and the last stage's Grad-CAM, each normalised on its
+    own and drawn over the inputs with a colormap; the channel weights as histograms per stage."""
     was_training = model.training
     model.eval()
-    with record_attention(model) as maps:
+    with torch.no_grad(), record_attention(model) as maps:
         model(images)
     model.train(was_training)
-    size = images.shape[-2:]
-    lo, hi = images.amin(dim=(1, 2, 3), keepdim=True), images.amax(dim=(1, 2, 3), keepdim=True)
-    logger.image("attention/inputs", make_grid((images - lo) / (hi - lo + 1e-8), nrow=len(images)), step)
+    shown = to_unit_range(images)
+    logger.image("attention/inputs", make_grid(shown, nrow=len(images)), step)
     last_per_resolution = {tuple(m.shape[-2:]): m for _, m in maps["spatial"]}
     for (h, w), ms in last_per_resolution.items():
-        grid = make_grid(F.interpolate(ms, size=size, mode="nearest"), nrow=len(ms), pad_value=1.0)
-        logger.image(f"attention/spatial_{h}x{w}", grid, step)
+        logger.image(f"attention/spatial_{h}x{w}", make_grid(overlay(shown, ms[:, 0]), nrow=len(ms)), step)
+    try:
+        layer = last_stage(model)
+    except ValueError:  # a backbone without a known last stage: no Grad-CAM image
+        layer = None
+    if layer is not None:
+        cam = grad_cam(model, images, layer)
+        logger.image("attention/gradcam_last_stage", make_grid(overlay(shown, cam.maps), nrow=len(images)), step)
     by_stage: dict[str, list[torch.Tensor]] = {}
     for name, mc in maps["channel"]:
         by_stage.setdefault(name.split(".")[0], []).append(mc.flatten())  # layer1 ... layer4

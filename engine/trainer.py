@@ -35,7 +35,7 @@ from .optim import build_optimizer, build_scheduler
 from .profile import count_gmacs, count_params
 from .shared import build_model, evaluate
 from .stopping import StopNow, StopRequest
-from .tblog import log_attention, write_hparams
+from .tblog import METRICS, log_attention, write_hparams
 
 log = logging.getLogger("cbam")
 
@@ -106,9 +106,11 @@ class Trainer:
     """One run. ``stop``: the run's ``StopRequest`` when the caller installed it before building the
     trainer (``train.py``, so that a signal during data loading is handled too); else ``run`` installs one."""
 
-    def __init__(self, config: dict, run_dir: Path, stop: StopRequest | None = None):
+    def __init__(self, config: dict, run_dir: Path, stop: StopRequest | None = None, overrides: list[str] = ()):
+        """``overrides``: the Hydra overrides that set this run apart (a single run's command line, a sweep
+        job's swept values), shown in TensorBoard's HParams tab."""
         validate(config)
-        self.config, self.run_dir = config, Path(run_dir)
+        self.config, self.run_dir, self.overrides = config, Path(run_dir), list(overrides)
         self.t, self.d = config["trainer"], config["data"]
         self.stop = stop or StopRequest(self.t["stop_grace_s"])
         self.device = resolve_device(self.t["device"])
@@ -374,9 +376,8 @@ class Trainer:
             self._end_epoch(fixed_images)
         results = self._results(self.wall_before + time.time() - self.start_wall)
         if self.main:
-            write_hparams(
-                self.logger, self.config, {k: results[k] for k in ("top1", "top5", "top1_err", "top5_err", "best_top1")}
-            )
+            final = (results["top1"], results["top5"], self.params / 1e6, self.gmacs, results["train_img_per_s"])
+            write_hparams(self.logger, self.config, dict(zip(METRICS, final, strict=True)), self.overrides)
             self.logger.close()
             _write_json(results, self.run_dir / "results.json")
             log.info("done: top-1 %.2f%%, top-5 %.2f%% (best top-1 %.2f%%); results in %s",
@@ -437,10 +438,12 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         self.logger.scalar("train/loss_running", s["loss"], self.global_step)  # epoch mean so far
         if bar.disable:
-            eta = (self.steps_per_epoch - self.next_batch) * self.t["batch_size"] / max(img_per_s, 1e-9)
-            log.info("epoch %d/%d step %d/%d loss %.4f top-1 %.2f%% lr %.4g %.0f img/s eta %.0fs",
+            step_s = self.t["batch_size"] / max(img_per_s, 1e-9)
+            epoch_left = self.steps_per_epoch - self.next_batch
+            run_left = epoch_left + (self.t["epochs"] - self.epoch - 1) * self.steps_per_epoch  # training steps
+            log.info("epoch %d/%d step %d/%d loss %.4f top-1 %.2f%% lr %.4g %.0f img/s eta epoch %.0fs, run %.0fs",
                      self.epoch + 1, self.t["epochs"], self.next_batch, self.steps_per_epoch, s["loss"], s["top1"],
-                     lr, img_per_s, eta)  # fmt: skip
+                     lr, img_per_s, epoch_left * step_s, run_left * step_s)  # fmt: skip
         else:
             bar.set_postfix(loss=f"{s['loss']:.4f}", top1=f"{s['top1']:.2f}", img_s=f"{img_per_s:.0f}", lr=f"{lr:.3g}")
 
@@ -467,6 +470,8 @@ class Trainer:
             for k in ("loss", "top1", "top5", "top1_err", "top5_err"):
                 logger.scalar(f"{split}/{k}", s[k], self.epoch)
         logger.scalar("lr", self.optimizer.param_groups[0]["lr"], self.epoch)
+        logger.scalar("model/params_M", self.params / 1e6, self.epoch)  # series, so that the HParams tab can
+        logger.scalar("model/GMACs", self.gmacs, self.epoch)  # compare runs by them
         logger.scalar("throughput/train_img_per_s", self.train_images / max(self.train_time, 1e-9), self.epoch)
         logger.scalar("time/train_s_total", self.train_time, self.epoch)
         if self.t["image_every"] and (self.epoch % self.t["image_every"] == 0 or self.epoch == self.t["epochs"]):

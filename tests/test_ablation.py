@@ -8,6 +8,8 @@ import sys
 
 import pytest
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import metadata
 
 from cbam import PRESETS, resolve_spec
 from engine.paper import TABLES
@@ -38,13 +40,29 @@ def test_paper_table_sweep_launches_exactly_its_variants(tmp_path, table):
     expected = {(r.arch, r.attention, r.width if table == 5 else 0.25, s) for r in TABLES[table] for s in seeds}
     jobs = launched(tmp_path)
     assert sorted(jobs) == sorted(expected)
-    assert all((p / "results.json").is_file() for p in tmp_path.iterdir() if p.is_dir() and p.name.isdigit())
+    job_dirs = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert len(job_dirs) == len(expected) and all((p / "results.json").is_file() for p in job_dirs)
+    for job in job_dirs:  # each folder is named by the fields its job changes: attention=cbam,model=resnet18,...
+        config = results(job)["config"]
+        fields = dict(part.split("=") for part in job.name.split(","))
+        assert fields["attention"] == config["attention"]["name"], job.name
+        assert fields.get("model", config["model"]["arch"]) == config["model"]["arch"], job.name
+        assert float(fields.get("model.width", config["model"]["width"])) == config["model"]["width"], job.name
 
 
 def test_ablation_table_on_a_real_multirun(tmp_path):
     sweep = tmp_path / "sweep"
     run("train.py", "-m", "experiment=smoke", "model.width=0.25", "trainer.epochs=2", "attention=none,se",
         "seed=0,1,2", f"hydra.sweep.dir={sweep}")  # fmt: skip
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == sorted(
+        f"attention={a},seed={s}" for a in ("none", "se") for s in range(3)
+    )  # named by what the sweep varies
+    events = EventAccumulator(str(sweep / "attention=se,seed=1"))
+    events.Reload()
+    experiment = metadata.parse_experiment_plugin_data(events.PluginTagToContent("hparams")[metadata.EXPERIMENT_TAG])
+    # the key fields only: model.width and trainer.epochs are the same in every job of the sweep
+    assert [h.name for h in experiment.hparam_infos] == ["arch", "attention", "lr", "batch_size", "epochs", "seed"]
+    assert {h.name for h in experiment.hparam_infos if h.differs} == {"attention", "seed"}
     failed = tmp_path / "failed"
     proc = run("train.py", "experiment=smoke", "model.width=0.25", "attention=se", "optim.lr=1e30",
                "optim.momentum=0", f"hydra.run.dir={failed}", check=False)  # fmt: skip

@@ -1,5 +1,6 @@
 """Every model, attention and data config composes (Hydra's compose API), and bad input is refused."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -154,8 +155,8 @@ def test_a_new_preset_backbone_data_set_and_logger_each_need_one_registry_entry(
         def histogram(self, tag, values, step):
             written.append((tag, step))
 
-        def hparams(self, hparams, metrics):
-            written.append(("hparams", metrics["top1"]))
+        def hparams(self, hparams, metrics, varying):
+            written.append(("hparams", metrics["val/top1"]))
 
     try:
         from engine.trainer import Trainer
@@ -169,3 +170,39 @@ def test_a_new_preset_backbone_data_set_and_logger_each_need_one_registry_entry(
         loggers.LOGGERS.pop("test_logger")
     assert ("val/top1", 1) in written and ("hparams", results["top1"]) in written
     assert any(tag.startswith("attention/spatial") for tag, _ in written)
+
+
+def test_run_overrides_keep_what_changes_the_training():
+    from engine.config import run_overrides
+
+    given = ["experiment=smoke", "attention=cbam", "+model.drop_rate=0.1", "hydra.run.dir=/x", "data.root=/d",
+             "paths.log_dir=/l", "optim.lr=0.05", "name=foo", "resume=auto", "model=resnet50"]  # fmt: skip
+    assert run_overrides(given) == [("attention", "attention.name", "cbam"),
+                                    ("model.drop_rate", "model.drop_rate", "0.1"),
+                                    ("optim.lr", "optim.lr", "0.05"), ("model", "model.arch", "resnet50")]  # fmt: skip
+
+
+def test_a_sweep_job_is_named_by_what_the_sweep_varies(monkeypatch):
+    from engine.config import SWEPT_KEYS_ENV, note_swept_keys, run_name
+
+    monkeypatch.delenv(SWEPT_KEYS_ENV, raising=False)
+    note_swept_keys(["-m", "experiment=smoke", "attention=none,cbam", "model.width=0.25", "seed=range(3)"])
+    assert set(os.environ[SWEPT_KEYS_ENV].split(",")) == {"attention", "seed"}
+    task = ["experiment=smoke", "attention=cbam", "model.width=0.25", "seed=1"]
+    assert run_name(task, None, 3) == "attention=cbam,seed=1"
+    # hydra.sweeper.params of an experiment file count as swept too; '/' would open a sub-folder
+    assert run_name([*task, "model=a/b"], {"model": "a/b,c"}, 3) == "attention=cbam,seed=1,model=a_b"
+    monkeypatch.setenv(SWEPT_KEYS_ENV, "")
+    assert run_name(task, None, 3) == "attention=cbam,model.width=0.25,seed=1"  # unknown: every override
+    assert run_name(["experiment=smoke"], None, 3) == "3"
+
+
+def test_run_hparams_key_fields_first_then_the_overridden_ones():
+    from engine.tblog import KEY_FIELDS, run_hparams
+
+    config = compose_train("experiment=smoke", "model.zero_init_residual=true", "attention=se")
+    hparams, varying = run_hparams(config, ["experiment=smoke", "model.zero_init_residual=true", "attention=se"])
+    assert list(hparams) == [*KEY_FIELDS.values(), "model.zero_init_residual"]
+    assert hparams["attention"] == "se" and hparams["epochs"] == 2 and isinstance(hparams["lr"], float)
+    assert hparams["model.zero_init_residual"] == "true"  # booleans as text, not 1.0000
+    assert varying == {"attention", "model.zero_init_residual"}

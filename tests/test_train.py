@@ -1,9 +1,12 @@
 """Real train.py / eval.py processes on synthetic data, Fashion-MNIST, CIFAR pickles and JPEG folders."""
 
+import io
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import needs_fmnist
@@ -54,13 +57,36 @@ def test_tensorboard_has_scalars_hparams_images_histograms(smoke_run):
         assert tag in tags["scalars"], tag
     assert [e.step for e in acc.Scalars("val/top1")] == [1, 2]
     assert acc.Scalars("val/top1")[-1].value == pytest.approx(results(smoke_run)["top1"])
-    assert "attention/spatial_32x32" in tags["images"] and "attention/inputs" in tags["images"]
+    r = results(smoke_run)
+    assert acc.Scalars("model/params_M")[-1].value == pytest.approx(r["params"] / 1e6)
+    assert acc.Scalars("model/GMACs")[-1].value == pytest.approx(r["gmacs"])
+    for tag in ("attention/inputs", "attention/spatial_32x32", "attention/spatial_4x4", "attention/gradcam_last_stage"):
+        assert tag in tags["images"], tag
+    # attention maps in colour over the inputs: the red and blue channels differ
+    picture = np.asarray(Image.open(io.BytesIO(acc.Images("attention/spatial_32x32")[-1].encoded_image_string)))
+    assert picture.shape[-1] >= 3 and np.abs(picture[..., 0].astype(int) - picture[..., 2]).mean() > 10
     assert any(t.startswith("attention/channel_weights_layer") for t in tags["histograms"])
-    # hparams live in the run's own folder: no extra sub-run folder
-    assert "hparam/top1" in tags["scalars"]
+    # hparams live in the run's own folder (no extra sub-run folder) and add no one-dot hparam/* charts
+    assert not [t for t in tags["scalars"] if t.startswith("hparam")]
     assert {p.name for p in smoke_run.iterdir() if p.is_dir()} == {"checkpoints", ".hydra"}
-    plugin = acc.PluginTagToContent("hparams")
-    assert "_hparams_/experiment" in plugin and "_hparams_/session_start_info" in plugin
+
+
+def test_hparams_show_the_key_fields_first_and_the_run_figures_as_metrics(smoke_run):
+    from tensorboard.plugins.hparams import metadata
+
+    plugin = events(smoke_run).PluginTagToContent("hparams")
+    experiment = metadata.parse_experiment_plugin_data(plugin[metadata.EXPERIMENT_TAG])
+    names = [h.name for h in experiment.hparam_infos]
+    # the key fields, then the fields the command line set (SMOKE's, not hydra.run.dir nor experiment=)
+    assert names == ["arch", "attention", "lr", "batch_size", "epochs", "seed", "model.width", "trainer.log_every"]
+    assert {h.name for h in experiment.hparam_infos if h.differs} == {"model.width", "trainer.log_every"}
+    assert [m.name.tag for m in experiment.metric_infos] == [
+        "val/top1", "val/top5", "model/params_M", "model/GMACs", "throughput/train_img_per_s"]  # fmt: skip
+    start = metadata.parse_session_start_info_plugin_data(plugin[metadata.SESSION_START_INFO_TAG])
+    config = results(smoke_run)["config"]
+    assert start.hparams["arch"].string_value == config["model"]["arch"] == "resnet18"
+    assert start.hparams["lr"].number_value == config["optim"]["lr"]
+    assert start.hparams["model.width"].number_value == 0.25
 
 
 def test_eval_reproduces_final_accuracy_exactly(smoke_run, tmp_path):
