@@ -8,13 +8,14 @@ import torch
 
 from models import create_model
 
+from .checkpoint import load as load_checkpoint
 from .data import build_batches
 from .device import amp_dtype, autocast, resolve_device, set_tf32
 from .metrics import Meter
 from .profile import count_gmacs, count_params
 
 __all__ = [
-    "amp_dtype", "autocast", "build_batches", "build_model", "count_gmacs", "count_params", "evaluate",
+    "amp_dtype", "autocast", "build_batches", "build_model", "count_gmacs", "count_params", "evaluate", "load_model",
     "resolve_device", "set_tf32",
 ]  # fmt: skip
 
@@ -27,6 +28,15 @@ def build_model(config: dict, pretrained: bool = True) -> torch.nn.Module:
     skip = ("arch", "stem") if pretrained else ("arch", "stem", "pretrained")
     options = {k: v for k, v in m.items() if k not in skip and v is not None}
     return create_model(m["arch"], d["num_classes"], config["attention"], in_chans=d["in_chans"], stem=stem, **options)
+
+
+def load_model(path) -> tuple[torch.nn.Module, dict]:
+    """A checkpoint's network with its weights, on the CPU in eval mode, and the config it was trained
+    with (``engine.checkpoint.CheckpointError`` if the file cannot be read)."""
+    ckpt = load_checkpoint(path)
+    model = build_model(ckpt["config"], pretrained=False)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt["config"]
 
 
 @torch.no_grad()

@@ -1,0 +1,117 @@
+"""Exported files load in their own runtimes (onnxruntime, torch.jit, torch.export) and match PyTorch."""
+
+import subprocess
+import sys
+
+import onnxruntime
+import pytest
+import torch
+
+from cbam import PRESETS
+from engine import export as exporting
+from engine.export import ExportCheckFailed, export
+from helpers import ROOT, train
+from models import create_model
+
+CONFIG = {"data": {"in_chans": 3, "image_size": 32}}
+
+
+def load_and_run(fmt: str, path, images: torch.Tensor) -> torch.Tensor:
+    """The file run the way a user of each format runs it, independently of engine.export."""
+    if fmt == "onnx":
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()] == ["images"]
+        return torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+    if fmt == "torchscript":
+        return torch.jit.load(str(path))(images)
+    return torch.export.load(str(path)).module()(images)
+
+
+def check_export(model, fmt, path, config=CONFIG):
+    result = export(model, config, fmt, path)
+    assert result.path == path and result.max_abs_diff <= 1e-4
+    data = config["data"]
+    images = torch.randn(5, data["in_chans"], data["image_size"], data["image_size"])  # a batch size not traced
+    with torch.no_grad():
+        expected = model.eval()(images)
+        got = load_and_run(fmt, path, images)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max() <= 1e-4
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no staging files left
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "exported"])
+def test_default_cbam_exports_to_every_format(tmp_path, fmt):
+    model = create_model("resnet18", 10, "cbam", stem="cifar", width=0.25)
+    assert model.layer1[0].attn.impl != "reference"  # the default implementation, not the reference by hand
+    check_export(model, fmt, tmp_path / f"model{exporting.FORMATS[fmt]}")
+
+
+def test_a_file_that_differs_from_pytorch_is_not_kept(tmp_path, monkeypatch):
+    write, run = exporting.WRITERS["torchscript"]
+    monkeypatch.setitem(exporting.WRITERS, "torchscript", (write, lambda path, images: run(path, images) + 1e-3))
+    model = create_model("resnet18", 10, "cbam", stem="cifar", width=0.25)
+    with pytest.raises(ExportCheckFailed, match="differ from PyTorch's by 0.001"):
+        export(model, CONFIG, "torchscript", tmp_path / "model.pt")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("export_run")
+    train(run_dir, "experiment=smoke", "trainer.epochs=1", "data.train_size=64", "data.val_size=32",
+          "trainer.image_every=0")  # fmt: skip
+    return run_dir / "checkpoints" / "last.pt"
+
+
+def export_script(*args):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "export.py"), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+def test_export_script_writes_a_checked_file(checkpoint, tmp_path):
+    out = tmp_path / "cbam.onnx"
+    proc = export_script(checkpoint, "--format", "onnx", "--out", out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "resnet18 + cbam ->" in proc.stdout and "max abs difference from PyTorch" in proc.stdout
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model = create_model("resnet18", 10, ckpt["config"]["attention"], stem="cifar", width=0.25)
+    model.load_state_dict(ckpt["model"])
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.eval()(images)
+    assert (load_and_run("onnx", out, images) - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{tmp}/missing.pt", "--format", "onnx"], "does not exist"),
+        (["{ckpt}", "--format", "tflite"], "invalid choice: 'tflite'"),
+        (["{ckpt}", "--format", "torchscript", "--out", "{ckpt}"], "is the checkpoint itself"),
+    ],
+)
+def test_export_script_refuses_bad_input(checkpoint, tmp_path, args, message):
+    proc = export_script(*[a.format(tmp=tmp_path, ckpt=checkpoint) for a in args])
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", sorted(PRESETS))
+def test_every_attention_variant_exports(tmp_path, attention):
+    model = create_model("resnet18", 10, attention, stem="cifar", width=0.25)
+    for fmt in ("onnx", "exported"):
+        folder = tmp_path / fmt
+        folder.mkdir()
+        check_export(model, fmt, folder / f"m{exporting.FORMATS[fmt]}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["resnet50", "resnext50_32x4d", "wrn18_2", "mobilenet_v1"])  # each block type
+def test_every_backbone_with_cbam_exports(tmp_path, arch):
+    config = {"data": {"in_chans": 3, "image_size": 64}}
+    model = create_model(arch, 10, "cbam", width=0.25)
+    folder = tmp_path / "exported"
+    folder.mkdir()
+    check_export(model, "exported", folder / "m.pt2", config)
