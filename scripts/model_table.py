@@ -4,6 +4,7 @@
     python scripts/model_table.py                          # Table 4 (and 5) beside the paper
     python scripts/model_table.py resnet50 cbam se         # one model, some attention presets
     python scripts/model_table.py resnet50 cbam --v1.5     # torchvision's stride placement
+    python scripts/model_table.py --readme                 # rewrite the README's table (ResNet-18/50)
 
 With no arguments it uses ResNet v1 stride placement (stride in the first 1x1 of a downsampling
 bottleneck), which is what the paper's FLOP column matches.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from cbam import PRESETS
 from engine.paper import TABLE4, TABLE5
@@ -52,6 +54,33 @@ def paper_table() -> str:
     return "\n".join(lines)
 
 
+README = Path(__file__).resolve().parents[1] / "README.md"
+README_START, README_END = "<!-- table: python scripts/model_table.py --readme -->", "<!-- end of table -->"
+
+
+def readme_table() -> str:
+    """The README's table: ResNet-18 and ResNet-50 without attention, with SE and with CBAM."""
+    lines = ["| network | attention | params (M) | paper | GMACs | paper |", "|---|---|---|---|---|---|"]
+    for row in TABLE4:
+        if row.arch in ("resnet18", "resnet50") and row.attention in ("none", "se", "cbam"):
+            params, gmacs = measure(row.arch, row.attention)
+            lines.append(f"| {row.arch} | {row.attention} | {params:.3f} | {_fmt(row.params_m, 2)} | {gmacs:.4f} | "
+                         f"{_fmt(row.gmacs, 3)} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def rewrite_readme(readme: Path = README) -> None:
+    """Replace the table between the README's markers with ``readme_table()``."""
+    text = readme.read_text()
+    head, start, rest = text.partition(README_START)
+    _, end, tail = rest.partition(README_END)
+    if not (start and end):
+        raise SystemExit(f"{readme} lacks the markers {README_START!r} ... {README_END!r}")
+    tmp = readme.with_name(readme.name + ".tmp")
+    tmp.write_text(f"{head}{start}\n{readme_table()}\n{end}{tail}")
+    tmp.replace(readme)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("arch", nargs="?", choices=ARCHS, help="model name (omit for the paper table)")
@@ -59,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--v1.5", dest="v1", action="store_false", help="stride in the 3x3 conv (torchvision)")
     parser.add_argument("--width", type=float, default=1.0, help="width multiplier (MobileNet alpha)")
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--readme", action="store_true", help="rewrite the README's table of ResNet-18/50")
     args = parser.parse_args(argv)
+    if args.readme:
+        rewrite_readme()
+        print(f"{README}: table rewritten")
+        return 0
     if args.arch is None:
         print(paper_table())
         return 0

@@ -1,5 +1,7 @@
 """Backbones: torchvision parity, the paper's Table 4 counts, every preset in every backbone."""
 
+import importlib.util
+
 import pytest
 import torch
 import torchvision
@@ -7,6 +9,7 @@ import torchvision
 from cbam import PRESETS, AttentionSpecError
 from engine.paper import TABLE4
 from engine.profile import count_gmacs, count_params
+from helpers import ROOT
 from models import ARCHS, create_model
 
 TORCHVISION_EQUIVALENT = {
@@ -159,3 +162,14 @@ def test_torch_jit_trace_records_the_reference(impl):
     traced = torch.jit.trace(model, torch.randn(2, 3, 32, 32))
     x = torch.randn(4, 3, 32, 32)  # another batch than the traced one
     torch.testing.assert_close(traced(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_the_readme_table_is_model_tables_output():
+    """The README's params/GMACs table is generated (``python scripts/model_table.py --readme``), not typed."""
+    spec = importlib.util.spec_from_file_location("model_table", ROOT / "scripts" / "model_table.py")
+    model_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model_table)
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split(model_table.README_START)[1].split(model_table.README_END)[0]
+    assert block.strip() == model_table.readme_table()
+    assert "| resnet50 | cbam | 28.090 | 28.09 | 3.8644 | 3.864 |" in block
