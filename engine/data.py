@@ -289,6 +289,13 @@ def _missing_message(name: str, root: str, exc: Exception | None = None, where: 
     return f"{msg}. Fix: {hint}, or pass data.root=/path/to/{name.lower()}."
 
 
+def eval_geometry(cfg) -> list:
+    """The evaluation crop of an image-folder set: resize the short side (to ``resize_size``, by default
+    8/7 of the input size: 256 for 224), then centre-crop to ``image_size``."""
+    resize = cfg.get("resize_size") or round(cfg["image_size"] * 8 / 7)
+    return [transforms.Resize(resize), transforms.CenterCrop(cfg["image_size"])]
+
+
 def _folder_transforms(cfg, train: bool):
     normalize = transforms.Normalize(cfg["mean"], cfg["std"])
     if train:  # the paper's ImageNet augmentation
@@ -300,10 +307,7 @@ def _folder_transforms(cfg, train: bool):
                 normalize,
             ]
         )
-    resize = cfg["resize_size"] or round(cfg["image_size"] * 8 / 7)  # 256 for 224
-    return transforms.Compose(
-        [transforms.Resize(resize), transforms.CenterCrop(cfg["image_size"]), transforms.ToTensor(), normalize]
-    )
+    return transforms.Compose([*eval_geometry(cfg), transforms.ToTensor(), normalize])
 
 
 def load_image_folder(cfg) -> tuple:

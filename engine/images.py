@@ -12,7 +12,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from cbam.errors import UserError
 
-from .data import IMAGE_FOLDERS
+from .data import IMAGE_FOLDERS, eval_geometry
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -39,7 +39,7 @@ def read_images(files: list[Path], data: dict) -> tuple[torch.Tensor, torch.Tens
     ImageNet-style sets get the evaluation crop (resize, centre crop); small sets a plain resize."""
     size = data["image_size"]
     if data["name"] in IMAGE_FOLDERS:
-        geometry = [transforms.Resize(data.get("resize_size") or round(size * 8 / 7)), transforms.CenterCrop(size)]
+        geometry = eval_geometry(data)
     else:
         geometry = [transforms.Resize((size, size))]
     to_tensor = transforms.Compose([*geometry, transforms.ToTensor()])

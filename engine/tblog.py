@@ -75,6 +75,13 @@ def record_attention(model: nn.Module):
             h.remove()
 
 
+def last_per_resolution(named_maps: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The last of the ``(name, map)`` pairs (in forward order) at each spatial size: one map per stage of
+    a ResNet, the one closest to the stage's output."""
+    last = {tuple(maps.shape[-2:]): (name, maps) for name, maps in named_maps}
+    return dict(last.values())
+
+
 def log_attention(logger: Logger, model: nn.Module, images: torch.Tensor, step: int) -> None:
     """What the network looks at on the fixed batch ``images`` (run in eval mode): the inputs; the spatial
     attention maps (last block of each resolution) and the last stage's Grad-CAM, each normalised on its
@@ -86,8 +93,8 @@ def log_attention(logger: Logger, model: nn.Module, images: torch.Tensor, step: 
     model.train(was_training)
     shown = to_unit_range(images)
     logger.image("attention/inputs", make_grid(shown, nrow=len(images)), step)
-    last_per_resolution = {tuple(m.shape[-2:]): m for _, m in maps["spatial"]}
-    for (h, w), ms in last_per_resolution.items():
+    for ms in last_per_resolution(maps["spatial"]).values():
+        h, w = ms.shape[-2:]
         logger.image(f"attention/spatial_{h}x{w}", make_grid(overlay(shown, ms[:, 0]), nrow=len(ms)), step)
     try:
         layer = last_stage(model)

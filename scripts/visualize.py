@@ -23,7 +23,7 @@ from engine.gradcam import grad_cam
 from engine.images import class_names, image_files, read_images
 from engine.overlay import overlay
 from engine.shared import load_model
-from engine.tblog import record_attention
+from engine.tblog import last_per_resolution, record_attention
 
 
 def block_name(gate_name: str) -> str:
@@ -39,7 +39,7 @@ def explain(path: Path, images: list[Path], blocks: list[str] | None) -> dict:
         model(inputs)
     spatial = {block_name(name): maps[:, 0] for name, maps in recorded["spatial"]}
     if blocks is None:  # the last block of each resolution
-        spatial = {name: maps for name, maps in {m.shape[-2:]: (n, m) for n, m in spatial.items()}.values()}
+        spatial = last_per_resolution(list(spatial.items()))
     elif spatial:
         unknown = [b for b in blocks if b not in spatial]
         if unknown:
