@@ -31,7 +31,8 @@ def launched(sweep_dir):
     return jobs
 
 
-@pytest.mark.parametrize("table", [1, 2, 3, 5, pytest.param(4, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("table", [1, 2, 3, 4, 5])
 def test_paper_table_sweep_launches_exactly_its_variants(tmp_path, table):
     width = [] if table == 5 else ["model.width=0.25"]
     seeds = (0,) if table == 4 else (0, 1)  # 24 variants: one seed; the seed axis is tested on the others
@@ -50,6 +51,7 @@ def test_paper_table_sweep_launches_exactly_its_variants(tmp_path, table):
         assert float(fields.get("model.width", config["model"]["width"])) == config["model"]["width"], job.name
 
 
+@pytest.mark.slow
 def test_ablation_table_on_a_real_multirun(tmp_path):
     sweep = tmp_path / "sweep"
     run("train.py", "-m", "experiment=smoke", "model.width=0.25", "trainer.epochs=2", "attention=none,se",

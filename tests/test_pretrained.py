@@ -142,6 +142,7 @@ def test_a_checkpoint_of_this_project_loads(tmp_path):
         assert torch.equal(loaded.state_dict()[k], v), k
 
 
+@pytest.mark.slow
 def test_train_py_starts_from_pretrained_weights(tmp_path):
     """model.pretrained=PATH on the command line; the run's first checkpoint holds them, trained on."""
     from helpers import TINY, results, train

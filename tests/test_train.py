@@ -147,6 +147,7 @@ def test_same_run_dir_without_resume_is_refused(smoke_run):
     assert (smoke_run / "checkpoints" / "last.pt").read_bytes() == before
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_short_real_fashion_mnist_run(tmp_path):
     train(tmp_path, "experiment=quickstart", "trainer.epochs=1", "trainer.limit_train_batches=40",
