@@ -20,11 +20,9 @@ from omegaconf import DictConfig
 
 from cbam.errors import RunFolderInUse, UserError
 from engine import sweep
-from engine.config import note_swept_keys, register_configs, swept_overrides, to_container
+from engine.config import register_configs, swept_overrides, to_container
 
 register_configs()
-if "-m" in sys.argv or "--multirun" in sys.argv:
-    note_swept_keys(sys.argv[1:])  # sweep jobs are named by what they sweep
 log = logging.getLogger("cbam")
 
 if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) != "0":  # only rank 0 writes config and log files
@@ -41,7 +39,7 @@ def main(cfg: DictConfig) -> float | None:
     config = to_container(cfg)
     overrides = list(hydra_cfg.overrides.task)  # what this run changes, shown in TensorBoard's HParams tab
     if in_sweep:  # a sweep job: what differs between the sweep's jobs
-        overrides = swept_overrides(overrides, hydra_cfg.sweeper.get("params"))
+        overrides = swept_overrides(overrides)
     # Installed before the trainer loads data and builds the model, so that a signal then stops the run too.
     with StopRequest(config["trainer"]["stop_grace_s"]) as stop:
         try:

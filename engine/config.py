@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.experimental.callback import Callback
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from cbam.spec import CHOICES, AttentionSpec
@@ -212,33 +213,36 @@ def run_overrides(overrides: list[str]) -> list[tuple[str, str, str]]:
     return found
 
 
-SWEPT_KEYS_ENV = "CBAM_SWEPT_KEYS"  # the command line's swept keys, for job processes that cannot see it
+SWEPT_KEYS_ENV = "CBAM_SWEPT_KEYS"  # the sweep's swept keys, set by SweptKeys for its jobs
 
 
-def note_swept_keys(argv: list[str]) -> None:
-    """Remember which keys a multirun command line sweeps (``attention=none,cbam``) in the environment,
-    which the jobs inherit whatever the launcher (local, or submitit's processes on other hosts)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+class SweptKeys(Callback):
+    """At the start of a multirun, in the process that launches the jobs: the keys that the sweep
+    varies (``attention=none,cbam`` on the command line, ``hydra.sweeper.params``) go into the
+    environment, which every job inherits whatever the launcher (local, or submitit's processes on other
+    hosts), so that ``swept_overrides`` can tell them from the overrides that all jobs share."""
 
-    try:
-        parsed = OverridesParser.create().parse_overrides([a for a in argv if "=" in a and not a.startswith("-")])
-    except Exception:  # Hydra reports a malformed command line itself
-        return
-    os.environ[SWEPT_KEYS_ENV] = ",".join(o.key_or_group for o in parsed if o.is_sweep_override())
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        task = OmegaConf.to_container(config.hydra.overrides.task)
+        swept = [o.key_or_group for o in OverridesParser.create().parse_overrides(task) if o.is_sweep_override()]
+        swept += list(config.hydra.sweeper.get("params") or {})
+        os.environ[SWEPT_KEYS_ENV] = ",".join(dict.fromkeys(swept))
 
 
-def swept_overrides(overrides: list[str], sweeper_params) -> list[str]:
+def swept_overrides(overrides: list[str]) -> list[str]:
     """A sweep job's overrides that differ between the sweep's jobs (``attention=cbam``, ``seed=1``: the keys
-    that the command line or ``hydra.sweeper.params`` sweep), in the given order; all those that change
-    what is trained (``run_overrides``) when the swept keys are unknown."""
-    swept = set(filter(None, os.environ.get(SWEPT_KEYS_ENV, "").split(","))) | set(sweeper_params or {})
+    that ``SweptKeys`` found), in the given order; all those that change what is trained
+    (``run_overrides``) when the swept keys are unknown."""
+    swept = set(filter(None, os.environ.get(SWEPT_KEYS_ENV, "").split(",")))
     return [f"{key}={value}" for key, _, value in run_overrides(list(overrides)) if key in swept or not swept]
 
 
-def run_name(overrides: list[str], sweeper_params, job_num: int) -> str:
+def run_name(overrides: list[str], job_num: int) -> str:
     """A sweep job's folder name: its ``swept_overrides`` joined by commas (``attention=cbam,seed=1``), ``/``
     replaced by ``_`` so that it stays one folder; the job number when there is none."""
-    name = ",".join(swept_overrides(overrides, sweeper_params)).replace("/", "_")
+    name = ",".join(swept_overrides(overrides)).replace("/", "_")
     return name[:200] if name else str(job_num)
 
 

@@ -105,7 +105,8 @@ def test_failing_jobs_do_not_stop_a_sweep(tmp_path):
     text = proc.stdout + proc.stderr
     assert proc.returncode == 1, text
     statuses = {job.name: json.loads((job / "status.json").read_text()) for job in sweep.iterdir() if job.is_dir()}
-    assert len(statuses) == 4, statuses  # width -1 (x2 lr) refused, width 0.25 with lr 1e30 diverges, one trains
+    # width -1 (x2 lr) refused, width 0.25 with lr 1e30 diverges, one trains; each folder named by what it sweeps
+    assert set(statuses) == {f"model.width={w},optim.lr={lr}" for w in ("-1", "0.25") for lr in ("0.1", "1e+30")}
     kinds = sorted(s.get("kind", s["status"]) for s in statuses.values())
     assert kinds == ["bad input", "bad input", "finished", "non-finite"], statuses
     assert "3 job(s) of the sweep failed" in text and "Traceback" not in text

@@ -183,18 +183,23 @@ def test_run_overrides_keep_what_changes_the_training():
 
 
 def test_a_sweep_job_is_named_by_what_the_sweep_varies(monkeypatch):
-    from engine.config import SWEPT_KEYS_ENV, note_swept_keys, run_name
+    from engine.config import SWEPT_KEYS_ENV, SweptKeys, run_name
+
+    def start_multirun(task, sweeper_params=None):  # what Hydra hands the callback in the launching process
+        config = OmegaConf.create({"hydra": {"overrides": {"task": task}, "sweeper": {"params": sweeper_params}}})
+        SweptKeys().on_multirun_start(config)
 
     monkeypatch.delenv(SWEPT_KEYS_ENV, raising=False)
-    note_swept_keys(["-m", "experiment=smoke", "attention=none,cbam", "model.width=0.25", "seed=range(3)"])
-    assert set(os.environ[SWEPT_KEYS_ENV].split(",")) == {"attention", "seed"}
+    start_multirun(["experiment=smoke", "attention=none,cbam", "model.width=0.25", "seed=range(3)"])
+    assert os.environ[SWEPT_KEYS_ENV] == "attention,seed"
     task = ["experiment=smoke", "attention=cbam", "model.width=0.25", "seed=1"]
-    assert run_name(task, None, 3) == "attention=cbam,seed=1"
+    assert run_name(task, 3) == "attention=cbam,seed=1"
     # hydra.sweeper.params of an experiment file count as swept too; '/' would open a sub-folder
-    assert run_name([*task, "model=a/b"], {"model": "a/b,c"}, 3) == "attention=cbam,seed=1,model=a_b"
+    start_multirun(["experiment=smoke", "attention=none,cbam", "seed=1,2"], {"model": "a/b,c"})
+    assert run_name([*task, "model=a/b"], 3) == "attention=cbam,seed=1,model=a_b"
     monkeypatch.setenv(SWEPT_KEYS_ENV, "")
-    assert run_name(task, None, 3) == "attention=cbam,model.width=0.25,seed=1"  # unknown: every override
-    assert run_name(["experiment=smoke"], None, 3) == "3"
+    assert run_name(task, 3) == "attention=cbam,model.width=0.25,seed=1"  # unknown: every override
+    assert run_name(["experiment=smoke"], 3) == "3"
 
 
 def test_run_hparams_key_fields_first_then_the_overridden_ones():
