@@ -1,7 +1,9 @@
 """SIGTERM / SIGINT end a run within its grace period at any moment: between steps (the checkpoint
 resumes bit-identically, tests/test_reliability.py), and while compiling, evaluating or loading data."""
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,8 +12,9 @@ import time
 
 import pytest
 
+from engine import checkpoint as ckpt_io
 from engine.stopping import StopNow, StopRequest
-from helpers import ROOT, TINY
+from helpers import ROOT, TINY, train
 
 
 def _signal_soon(delay: float, sig=signal.SIGTERM) -> None:
@@ -52,23 +55,52 @@ def test_handlers_are_restored():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_sigterm_during_a_cold_compile_ends_the_run_within_30s(tmp_path):
-    """The fused kernels compiling from an empty cache (tens of seconds here) when SIGTERM arrives."""
-    cold = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "CBAM_KERNEL_CACHE": str(tmp_path / "kernels")}
-    env = dict(os.environ, PYTHONUNBUFFERED="1", CBAM_FUSED_KERNELS="compiled", **cold)
-    cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", "experiment=smoke", *TINY]
+def _start_and_signal_after(cmd: list[str], env: dict, marker: str, timeout: float = 120):
+    """Start ``cmd``, send SIGTERM as soon as a line of its output contains ``marker``; (output, exit
+    status, seconds from the signal to the exit)."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines, deadline = [], time.time() + 120
-    while not any("compiling its kernels" in line for line in lines):
+    lines, deadline = [], time.time() + timeout
+    while not any(marker in line for line in lines):
         line = proc.stdout.readline()
         assert (line or proc.poll() is None) and time.time() < deadline, "".join(lines)
         lines.append(line)
     sent = time.time()
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
-    elapsed = time.time() - sent
-    text = "".join(lines) + out
-    assert proc.returncode == 0, text
+    return "".join(lines) + out, proc.returncode, time.time() - sent
+
+
+@pytest.mark.slow
+def test_sigterm_during_evaluation_checkpoints_the_epoch_and_resume_finishes_it(tmp_path):
+    """The signal arrives as the epoch's last step ends and a long evaluation begins: the run ends
+    within the grace period with a checkpoint of the trained epoch, and resume=auto evaluates and
+    finishes that epoch without training it again."""
+    run_dir = tmp_path / "run"
+    overrides = ["experiment=smoke", "trainer.log_every=1", "trainer.epochs=1", "data.train_size=128",
+                 "data.val_size=1500", "trainer.eval_batch_size=1", "trainer.image_every=0",
+                 "trainer.stop_grace_s=1"]  # 2 steps, then 1500 evaluation steps  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *overrides]
+    text, rc, elapsed = _start_and_signal_after(cmd, dict(os.environ, PYTHONUNBUFFERED="1"), "step 2/2")
+    assert rc == 0 and elapsed < 30, f"exit {rc} after {elapsed:.1f} s:\n{text}"
+    assert "stopped in the middle of work" in text and "checkpoint" in text, text
+    assert not (run_dir / "results.json").exists(), "the evaluation ended before the signal; nothing tested"
+    progress = ckpt_io.load(run_dir / "checkpoints" / "last.pt")["progress"]
+    assert (progress["epoch"], progress["next_batch"]) == (0, 2), progress
+    train_loss = float(re.search(r"step 2/2 loss ([0-9.]+)", text).group(1))  # the epoch's mean, as logged
+
+    resumed = train(run_dir, *overrides, "resume=auto")
+    results = json.loads((run_dir / "results.json").read_text())
+    assert (results["epochs"], results["steps"]) == (1, 2), resumed.stdout + resumed.stderr
+    assert results["history"][0]["train"]["loss"] == pytest.approx(train_loss, abs=1e-4)
+
+
+def test_sigterm_during_a_cold_compile_ends_the_run_within_30s(tmp_path):
+    """The fused kernels compiling from an empty cache (tens of seconds here) when SIGTERM arrives."""
+    cold = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "CBAM_KERNEL_CACHE": str(tmp_path / "kernels")}
+    env = dict(os.environ, PYTHONUNBUFFERED="1", CBAM_FUSED_KERNELS="compiled", **cold)
+    cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", "experiment=smoke", *TINY]
+    text, rc, elapsed = _start_and_signal_after(cmd, env, "compiling its kernels")
+    assert rc == 0, text
     assert elapsed < 30, f"exit took {elapsed:.1f} s:\n{text}"
     assert "stopped in the middle of work" in text or "stopped at epoch" in text, text
     assert not (tmp_path / "run" / "results.json").exists()
