@@ -1,4 +1,4 @@
-"""Where a run's metrics go: a small interface (scalars, images, histograms, hparams, flush, close) and a
+"""Where a run's metrics go: a small interface (scalars, images, histograms, hparams, charts, flush, close) and a
 registry of implementations by name (``logger.name`` in the config). TensorBoard is the default;
 another logger is one class registered here with ``@register("name")`` and one YAML in
 ``configs/logger/``.
@@ -6,6 +6,7 @@ another logger is one class registered here with ``@register("name")`` and one Y
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,6 +47,10 @@ class Logger:
         """``hparams`` in the order to show them; ``metrics`` keyed by scalar tags already logged;
         ``varying``: the hparams that this run's overrides set (what differs between a sweep's runs)."""
         raise NotImplementedError
+
+    def charts(self, charts: dict[str, list[str]]) -> None:
+        """Charts to show first, each drawing several scalar series together: title -> scalar tags.
+        Optional: a logger without such a view ignores it."""
 
     def flush(self) -> None:
         pass
@@ -103,6 +108,11 @@ class TensorBoardLogger(Logger):
                   summary(metadata.SESSION_START_INFO_TAG, session_start_info=start),
                   summary(metadata.SESSION_END_INFO_TAG, session_end_info=end)):  # fmt: skip
             self.writer.file_writer.add_summary(s)
+
+    def charts(self, charts):
+        """The Custom Scalars tab: the scalars tab sorts its sections by name and offers no other order."""
+        multiline = {title: ["Multiline", [f"^{re.escape(tag)}$" for tag in tags]] for title, tags in charts.items()}
+        self.writer.add_custom_scalars({"run": multiline})
 
     def flush(self):
         self.writer.flush()

@@ -1,5 +1,5 @@
-"""What a run logs besides scalars, through any ``engine.loggers.Logger``: hparams with the final
-metrics, and the attention maps of a fixed batch."""
+"""What a run logs besides scalars, through any ``engine.loggers.Logger``: the charts to see first,
+hparams with the final metrics, and the attention maps of a fixed batch."""
 
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ KEY_FIELDS = {"model.arch": "arch", "attention.name": "attention", "optim.lr": "
               "trainer.batch_size": "batch_size", "trainer.epochs": "epochs", "seed": "seed"}  # fmt: skip
 # The hparams' metrics: scalar series of every run (the last value counts).
 METRICS = ("val/top1", "val/top5", "model/params_M", "model/GMACs", "throughput/train_img_per_s")
+# The charts to see first (TensorBoard's Custom Scalars tab): training and validation in one chart each.
+CHARTS = {"top-1 (%)": ["train/top1", "val/top1"], "loss": ["train/loss", "val/loss"],
+          "top-5 (%)": ["train/top5", "val/top5"], "learning rate": ["lr"],
+          "training images/s": ["throughput/train_img_per_s"]}  # fmt: skip
 
 
 def _field(config: dict, path: str):

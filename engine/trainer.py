@@ -35,7 +35,7 @@ from .optim import build_optimizer, build_scheduler
 from .profile import count_gmacs, count_params
 from .shared import build_model, evaluate
 from .stopping import StopNow, StopRequest
-from .tblog import METRICS, log_attention, write_hparams
+from .tblog import CHARTS, METRICS, log_attention, write_hparams
 
 log = logging.getLogger("cbam")
 
@@ -189,6 +189,8 @@ class Trainer:
         self.logger = (
             build_logger(config.get("logger", {}).get("name", "tensorboard"), self.run_dir) if self.main else None
         )
+        if self.logger is not None:
+            self.logger.charts(CHARTS)
 
     # ---- setup helpers -------------------------------------------------------------------------
     def _resume_path(self, resume: str | None) -> Path | None:

@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -87,6 +88,23 @@ def test_hparams_show_the_key_fields_first_and_the_run_figures_as_metrics(smoke_
     assert start.hparams["arch"].string_value == config["model"]["arch"] == "resnet18"
     assert start.hparams["lr"].number_value == config["optim"]["lr"]
     assert start.hparams["model.width"].number_value == 0.25
+
+
+def test_custom_scalars_draw_training_and_validation_together(smoke_run):
+    """The Custom Scalars tab's charts (TensorBoard reads their tags as regular expressions): each one
+    draws exactly the named series of this run, train and val in one chart."""
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+
+    acc = events(smoke_run)
+    layout = layout_pb2.Layout.FromString(acc.Tensors(metadata.CONFIG_SUMMARY_TAG)[0].tensor_proto.string_val[0])
+    charts = {c.title: c.multiline.tag for cat in layout.category for c in cat.chart}
+    assert list(charts)[:2] == ["top-1 (%)", "loss"]
+    scalars = acc.Tags()["scalars"]
+    drawn = {title: sorted(t for t in scalars if any(re.search(rx, t) for rx in regexes))
+             for title, regexes in charts.items()}  # fmt: skip
+    assert drawn["top-1 (%)"] == ["train/top1", "val/top1"] and drawn["loss"] == ["train/loss", "val/loss"]
+    assert drawn["learning rate"] == ["lr"]
+    assert all(len(tags) == len(charts[title]) for title, tags in drawn.items()), drawn
 
 
 def test_eval_reproduces_final_accuracy_exactly(smoke_run, tmp_path):
