@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from torch.nn import functional as nnf
 
-from .fused import CompileFailed, FusedPlan, auto_uses_fused, fused_gated_tail, hooks_present
+from .fused import FusedPlan, auto_uses_fused, fused_gated_tail, hooks_present
+from .graphs import CompileFailed
 from .spec import AttentionSpec, fused_supported, resolve_spec
 
 
@@ -60,7 +61,7 @@ class AttentionModule(nn.Module):
         if self.use_fused(x) and _fusable_bn(bn):
             try:
                 return fused_gated_tail(self.fused_plan(bn), x, shortcut, overwrite_x=x_is_temporary)
-            except CompileFailed:  # warned once by cbam.fused; x is untouched
+            except CompileFailed:  # warned once by cbam.graphs; x is untouched
                 pass
         return nnf.relu(self(bn(x)) + shortcut, inplace=True)
 
@@ -68,7 +69,7 @@ class AttentionModule(nn.Module):
         if self.use_fused(x):
             try:
                 return fused_gated_tail(self.fused_plan(None), x)
-            except CompileFailed:  # warned once by cbam.fused
+            except CompileFailed:  # warned once by cbam.graphs
                 pass
         return self.reference_forward(x)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from cbam import PRESETS, build_attention, cpu_tail
+from cbam import PRESETS, build_attention, cpu_tail, graphs
 from cbam import fused as fused_mod
 from models import create_model
 
@@ -24,7 +24,7 @@ KERNEL_VARIANTS = ["se", "channel_max", "channel", "spatial", "cbam", "cbam_para
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Fused graphs as in a normal run (compiled mode), the graph itself forbidden, kernel calls counted."""
-    monkeypatch.setattr(fused_mod, "KERNEL_MODE", "compiled")
+    monkeypatch.setattr(graphs, "KERNEL_MODE", "compiled")
     calls = []
 
     def no_graph(*args, **kwargs):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from cbam import PRESETS, AttentionSpecError, build_attention
+from cbam import PRESETS, AttentionSpecError, build_attention, graphs
 from cbam import fused as fused_mod
 from cbam.fused import fused_gated_tail
 from engine.profile import count_gmacs
@@ -357,7 +357,7 @@ def test_gate_hooks_fire_once_with_the_reference_values():
 def test_bf16_autocast_close_to_reference(device, monkeypatch):
     """Under bf16 autocast (trainer.amp=bf16); on CUDA with the kernels compiled by inductor (Triton)."""
     if device == "cuda":
-        monkeypatch.setattr(fused_mod, "KERNEL_MODE", "compiled")
+        monkeypatch.setattr(graphs, "KERNEL_MODE", "compiled")
     ref, fus = (m.to(device) for m in _pair("cbam"))
     bn = _bn(16).to(device).train()
     x, sc = (torch.randn(3, 16, 6, 5).to(device).bfloat16() for _ in range(2))
@@ -401,19 +401,19 @@ def test_whole_model_compile_uses_reference_inside():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not fused_mod._toolchain_available("cpu"), reason="inductor needs a C++ compiler on CPU")
+@pytest.mark.skipif(not graphs.toolchain_available("cpu"), reason="inductor needs a C++ compiler on CPU")
 @pytest.mark.parametrize("name", ["cbam", "cbam_spatial_first"])
 def test_compiled_kernels_match_reference(name, monkeypatch):
     """The same comparison with the kernels compiled by inductor (C++): training, evaluation with
     gradients (the Function) and without (one graph)."""
-    monkeypatch.setattr(fused_mod, "KERNEL_MODE", "compiled")
+    monkeypatch.setattr(graphs, "KERNEL_MODE", "compiled")
     # The trainer counts GMACs under FlopCounterMode first: that runs eagerly and must not disable compilation.
     count_gmacs(build_attention(16, {"preset": name, "impl": "fused"}), (16, 6, 5))
     for training in (True, False):
         _check_tail(name, training, torch.channels_last)
     _check_inference(name, torch.channels_last)
-    graphs = (fused_mod.tail_forward, fused_mod.tail_backward)
-    assert all(graph.compiled is not None and not graph.failed for graph in graphs)
+    tail_graphs = (fused_mod.tail_forward, fused_mod.tail_backward)
+    assert all(graph.compiled is not None and not graph.failed for graph in tail_graphs)
 
 
 @contextlib.contextmanager
@@ -429,17 +429,17 @@ def _without_tf32():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(
-    not torch.cuda.is_available() or not fused_mod._toolchain_available("cuda"), reason="needs a CUDA GPU and Triton"
+    not torch.cuda.is_available() or not graphs.toolchain_available("cuda"), reason="needs a CUDA GPU and Triton"
 )
 @pytest.mark.parametrize("name", ["cbam", "cbam_spatial_first"])
 def test_triton_kernels_match_reference(name, monkeypatch):
     """On CUDA, the kernels compiled by inductor (Triton) against the reference in float32 (TF32 off, or
     the reference's own convs and matmuls would be the less exact side): training, evaluation with
     gradients and without, channels_last."""
-    monkeypatch.setattr(fused_mod, "KERNEL_MODE", "compiled")
+    monkeypatch.setattr(graphs, "KERNEL_MODE", "compiled")
     with _without_tf32():
         for training in (True, False):
             _check_tail(name, training, torch.channels_last, device="cuda")
         _check_inference(name, torch.channels_last, device="cuda")
-    graphs = (fused_mod.tail_forward, fused_mod.tail_backward)
-    assert all(graph.compiled is not None and not graph.failed for graph in graphs)
+    tail_graphs = (fused_mod.tail_forward, fused_mod.tail_backward)
+    assert all(graph.compiled is not None and not graph.failed for graph in tail_graphs)
