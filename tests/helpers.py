@@ -3,8 +3,10 @@
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,22 @@ def torchrun(run_dir, *overrides):
 
 def train(run_dir: Path, *overrides: str, **kwargs) -> subprocess.CompletedProcess:
     return run("train.py", f"hydra.run.dir={run_dir}", *overrides, **kwargs)
+
+
+def sigterm_after_output(cmd: list[str], marker: str, env: dict | None = None, timeout: float = 120):
+    """Start ``cmd``, send SIGTERM as soon as a line of its output contains ``marker``; (output, exit
+    status, seconds from the signal to the exit)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1") if env is None else env
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, deadline = [], time.time() + timeout
+    while not any(marker in line for line in lines):
+        line = proc.stdout.readline()
+        assert (line or proc.poll() is None) and time.time() < deadline, "".join(lines)
+        lines.append(line)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    return "".join(lines) + out, proc.returncode, time.time() - sent
 
 
 def results(run_dir: Path) -> dict:

@@ -4,7 +4,6 @@ bad input is refused before any work, torchrun matches a single process."""
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 from engine import checkpoint as ckpt_io
-from helpers import ROOT, TINY, assert_equal_tree, results, torchrun, train
+from helpers import ROOT, TINY, assert_equal_tree, results, sigterm_after_output, torchrun, train
 
 # 4 epochs x 8 steps on synthetic data, a checkpoint every 3 steps.
 EXACT = ["experiment=smoke", *TINY, "trainer.epochs=4", "trainer.ckpt_every_steps=3", "trainer.image_every=0"]
@@ -62,9 +61,13 @@ def reference_run(tmp_path_factory):
     return run_dir
 
 
+def _command(run_dir, *overrides) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *EXACT, *overrides]
+
+
 def _start(run_dir, *overrides):
-    cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *EXACT, *overrides]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(_command(run_dir, *overrides), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
 
 
 def _wait_for_checkpoint(run_dir, proc, timeout=120):
@@ -88,16 +91,9 @@ def test_sigkill_at_a_random_point_then_resume_is_bit_identical(reference_run, t
 
 @pytest.mark.slow
 def test_sigterm_mid_epoch_exits_0_with_checkpoint_and_resumes_bit_identical(reference_run, tmp_path):
-    proc = _start(tmp_path, "trainer.ckpt_every_steps=0")
-    deadline = time.time() + 120
-    while "epoch 1/4 step 5/8" not in (line := proc.stdout.readline()):  # mid-epoch, after step 5
-        assert line or proc.poll() is None, "train.py ended early"
-        assert time.time() < deadline
-    sent = time.time()
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 0, out
-    assert time.time() - sent < 10
+    cmd = _command(tmp_path, "trainer.ckpt_every_steps=0")
+    out, rc, elapsed = sigterm_after_output(cmd, "epoch 1/4 step 5/8")  # mid-epoch, after step 5
+    assert rc == 0 and elapsed < 10, f"exit {rc} after {elapsed:.1f} s:\n{out}"
     progress = ckpt_io.load(tmp_path / "checkpoints" / "last.pt")["progress"]
     assert progress["epoch"] == 0 and 5 <= progress["next_batch"] < 8, progress
     assert "stopped at epoch 1" in out

@@ -5,7 +5,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -14,7 +13,7 @@ import pytest
 
 from engine import checkpoint as ckpt_io
 from engine.stopping import StopNow, StopRequest
-from helpers import ROOT, TINY, train
+from helpers import ROOT, TINY, sigterm_after_output, train
 
 
 def _signal_soon(delay: float, sig=signal.SIGTERM) -> None:
@@ -55,21 +54,6 @@ def test_handlers_are_restored():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def _start_and_signal_after(cmd: list[str], env: dict, marker: str, timeout: float = 120):
-    """Start ``cmd``, send SIGTERM as soon as a line of its output contains ``marker``; (output, exit
-    status, seconds from the signal to the exit)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines, deadline = [], time.time() + timeout
-    while not any(marker in line for line in lines):
-        line = proc.stdout.readline()
-        assert (line or proc.poll() is None) and time.time() < deadline, "".join(lines)
-        lines.append(line)
-    sent = time.time()
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
-    return "".join(lines) + out, proc.returncode, time.time() - sent
-
-
 @pytest.mark.slow
 def test_sigterm_during_evaluation_checkpoints_the_epoch_and_resume_finishes_it(tmp_path):
     """The signal arrives as the epoch's last step ends and a long evaluation begins: the run ends
@@ -80,7 +64,7 @@ def test_sigterm_during_evaluation_checkpoints_the_epoch_and_resume_finishes_it(
                  "data.val_size=1500", "trainer.eval_batch_size=1", "trainer.image_every=0",
                  "trainer.stop_grace_s=1"]  # 2 steps, then 1500 evaluation steps  # fmt: skip
     cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *overrides]
-    text, rc, elapsed = _start_and_signal_after(cmd, dict(os.environ, PYTHONUNBUFFERED="1"), "step 2/2")
+    text, rc, elapsed = sigterm_after_output(cmd, "step 2/2")
     assert rc == 0 and elapsed < 30, f"exit {rc} after {elapsed:.1f} s:\n{text}"
     assert "stopped in the middle of work" in text and "checkpoint" in text, text
     assert not (run_dir / "results.json").exists(), "the evaluation ended before the signal; nothing tested"
@@ -99,7 +83,7 @@ def test_sigterm_during_a_cold_compile_ends_the_run_within_30s(tmp_path):
     cold = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "CBAM_KERNEL_CACHE": str(tmp_path / "kernels")}
     env = dict(os.environ, PYTHONUNBUFFERED="1", CBAM_FUSED_KERNELS="compiled", **cold)
     cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", "experiment=smoke", *TINY]
-    text, rc, elapsed = _start_and_signal_after(cmd, env, "compiling its kernels")
+    text, rc, elapsed = sigterm_after_output(cmd, "compiling its kernels", env)
     assert rc == 0, text
     assert elapsed < 30, f"exit took {elapsed:.1f} s:\n{text}"
     assert "stopped in the middle of work" in text or "stopped at epoch" in text, text
