@@ -5,6 +5,7 @@ the same accuracy (docs/performance.md); every one is a single setting away:
 
 - ``trainer.amp=auto``: bf16 autocast on CUDA (where the GPU supports it), float32 on the CPU.
 - ``trainer.tf32=true``: TF32 tensor cores for float32 matmuls and convolutions on CUDA.
+- cuDNN's benchmark mode on CUDA, off with ``trainer.deterministic=true``.
 - ``trainer.compile=null`` (auto): ``torch.compile`` of the whole model in the mode of
   ``AUTO_COMPILE_MODE`` for the device type, none where the device type is absent from it, and
   none with several processes (no measurement supports it there yet).
@@ -63,6 +64,13 @@ def set_tf32(device: torch.device, enabled: bool) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = enabled
         torch.backends.cudnn.allow_tf32 = enabled
+
+
+def set_cudnn_benchmark(device: torch.device, enabled: bool) -> None:
+    """cuDNN's benchmark mode on CUDA: the first call of each convolution shape times cuDNN's algorithms
+    and keeps the fastest, where its heuristics alone can pick a slow one for unusual shapes (the spatial
+    gate's 2 -> 1 channel k x k conv). Off for deterministic runs (the choice can differ between runs)."""
+    torch.backends.cudnn.benchmark = enabled and device.type == "cuda"
 
 
 def compile_mode(compile: bool | None, mode: str, device: torch.device, processes: int = 1) -> str | None:

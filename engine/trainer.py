@@ -28,7 +28,7 @@ from cbam.modules import AttentionModule
 from . import checkpoint as ckpt_io
 from . import distributed as dist
 from .data import build_batches
-from .device import amp_dtype, autocast, compile_mode, resolve_device, set_tf32
+from .device import amp_dtype, autocast, compile_mode, resolve_device, set_cudnn_benchmark, set_tf32
 from .loggers import build_logger
 from .metrics import Meter
 from .optim import build_optimizer, build_scheduler
@@ -131,9 +131,7 @@ class Trainer:
         if self.t["deterministic"]:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
-            torch.backends.cudnn.benchmark = False
-        elif self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+        set_cudnn_benchmark(self.device, not self.t["deterministic"])
         seed_everything(config["seed"])
 
         eval_batch = self.t["eval_batch_size"] or self.t["batch_size"]

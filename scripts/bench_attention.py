@@ -26,7 +26,8 @@ variant (compilation, autotuning, CUDA-graph capture) is timed apart and reporte
 ``first_step_s``; a variant whose first step runs past ``--first-step-limit`` seconds is dropped with a
 note. On CUDA, ``peak_step_mib`` is the peak memory of one training step above what the models hold
 between steps. ``--json`` writes every figure to a file; a compiled variant is also compared with no
-attention compiled the same way, when that is measured.
+attention compiled the same way, when that is measured. On CUDA the backends are set as ``train.py``
+sets them by default: TF32, and cuDNN's benchmark mode (its algorithm search is part of the first step).
 
 On the CPU, glibc's malloc hands blocks over 32 MiB back to the system when they are freed, and the
 next such allocation page-faults its memory in afresh; whether a tensor pays for that depends on what
@@ -52,7 +53,7 @@ import torch
 from torch import nn
 
 from cbam.fused import auto_uses_fused
-from engine.device import COMPILE_MODES, compile_mode
+from engine.device import COMPILE_MODES, compile_mode, set_cudnn_benchmark, set_tf32
 from models import create_model
 
 
@@ -181,6 +182,8 @@ def main(argv=None) -> int:
     if args.keep_freed_memory:
         keep_freed_memory()
     device = torch.device(args.device)
+    set_tf32(device, True)  # the backends as train.py sets them by default (no effect on the CPU)
+    set_cudnn_benchmark(device, True)
     dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
 

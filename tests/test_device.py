@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cbam.errors import UserError
-from engine.device import AUTO_COMPILE_MODE, amp_dtype, compile_mode
+from engine.device import AUTO_COMPILE_MODE, amp_dtype, compile_mode, set_cudnn_benchmark
 from helpers import TINY, results, train
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -37,3 +37,16 @@ def test_bad_compile_mode_is_refused(tmp_path):
     proc = train(tmp_path, "experiment=smoke", "trainer.compile_mode=fastest", check=False)
     assert proc.returncode != 0
     assert "fastest" in proc.stdout + proc.stderr and "reduce-overhead" in proc.stdout + proc.stderr
+
+
+def test_cudnn_benchmark_mode_on_cuda_unless_deterministic():
+    before = torch.backends.cudnn.benchmark
+    try:
+        set_cudnn_benchmark(CUDA, True)
+        assert torch.backends.cudnn.benchmark
+        set_cudnn_benchmark(CUDA, False)  # trainer.deterministic=true
+        assert not torch.backends.cudnn.benchmark
+        set_cudnn_benchmark(CPU, True)
+        assert not torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cudnn.benchmark = before
