@@ -24,10 +24,12 @@ and ``none`` with the trainer's defaults run on the device (``engine.device``). 
 timm's own ``resnet50`` with ``block_args={"attn_layer": "cbam"}``. The first warm-up step of each
 variant (compilation, autotuning, CUDA-graph capture) is timed apart and reported as
 ``first_step_s``; a variant whose first step runs past ``--first-step-limit`` seconds is dropped with a
-note. On CUDA, ``peak_step_mib`` is the peak memory of one training step above what the models hold
-between steps. ``--json`` writes every figure to a file; a compiled variant is also compared with no
-attention compiled the same way, when that is measured. On CUDA the backends are set as ``train.py``
-sets them by default: TF32, and cuDNN's benchmark mode (its algorithm search is part of the first step).
+note. ``--first-step-only`` runs those first steps alone: several such processes at once fill
+inductor's on-disk caches for one that measures (``scripts/gpu_checks.py``). On CUDA,
+``peak_step_mib`` is the peak memory of one training step above what the models hold between steps.
+``--json`` writes every figure to a file; a compiled variant is also compared with no attention
+compiled the same way, when that is measured. On CUDA the backends are set as ``train.py`` sets them
+by default: TF32, and cuDNN's benchmark mode (its algorithm search is part of the first step).
 
 On the CPU, glibc's malloc hands blocks over 32 MiB back to the system when they are freed, and the
 next such allocation page-faults its memory in afresh; whether a tensor pays for that depends on what
@@ -174,6 +176,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="*", help="subset of variants (NAME or NAME@MODE); 'none' is always measured")
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
     parser.add_argument("--first-step-limit", type=float, default=0, help="seconds; drop a variant past it (0: none)")
+    parser.add_argument("--first-step-only", action="store_true", help="run the first step of each variant of --only "
+                        "(no baseline) and stop: compilation alone, which fills inductor's caches")  # fmt: skip
     parser.add_argument("--keep-freed-memory", action="store_true", help="CPU: no page faults for large tensors")
     parser.add_argument(
         "--measure", choices=["both", "train", "infer"], default="both", help="time training steps, inference or both"
@@ -190,7 +194,9 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 1000, (args.batch,), device=device)
-    names = ["none", *(n for n in (args.only or DEFAULT_VARIANTS) if n != "none")]
+    names = list(args.only or DEFAULT_VARIANTS)
+    if not args.first_step_only:
+        names = ["none", *(n for n in names if n != "none")]
     names = [default_variant(n, device) if n.endswith("(default)") else n for n in names]
     names = list(dict.fromkeys(names))
     models, modes = {}, {}
@@ -259,6 +265,11 @@ def main(argv=None) -> int:
             print(f"dropped {name}: {dropped[name]}", file=sys.stderr)
             names.remove(name)
             del models[name], runners[name], optims[name]
+    if args.first_step_only:
+        if args.json:
+            figures = {name: {"first_step_s": first_step[name]} for name in names}
+            args.json.write_text(json.dumps({"variants": figures, "dropped": dropped}, indent=2))
+        return 0
     for rep in range(args.warmup):
         for name in rotated(rep):
             for fn in kinds.values():

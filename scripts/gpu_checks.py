@@ -6,17 +6,22 @@
 
 Steps, each a separate process under a hard time limit (its whole process group is killed past it), each
 adding its figures to ``<out>/gpu_checks.json`` as soon as it ends, so that a step that fails or runs
-out of time loses only its own figures. On CUDA the limits (``LIMITS``) add up to about 6 minutes:
+out of time loses only its own figures. On CUDA the default plan's limits (``LIMITS``) add up to about
+6 minutes:
 
 1. ``environment``: torch, Triton, timm and the GPU.
-2. ``quickstart``: ``train.py experiment=quickstart`` with the defaults (no flag), then the eager
-   reference (``--candidates`` adds whole-model compilation, CUDA graphs, the fused Function):
+2. ``quickstart``: ``train.py experiment=quickstart`` with the defaults (no flag); ``--candidates`` adds
+   the eager reference, whole-model compilation, CUDA graphs, the fused Function:
    ``train_img_per_s``, top-1, warm-up (compilation) and wall time from each run's results.json.
 3. ``train_step``: ``scripts/bench_attention.py`` on ResNet-50 at 224x224, bf16 autocast, channels_last,
    batch 256, in one process, interleaved: training images/s and peak step memory of no attention,
    CBAM's reference, timm's ``resnet50`` with CBAM, then the default CBAM and compiled variants
-   (``--variants`` for others). Each variant's first step (compilation) is timed apart.
-4. ``cuda_tests``: ``pytest -m cuda`` (the fused kernels compiled by Triton against the reference).
+   (``--variants`` for others). Each variant's first step (compilation) is timed apart. Compiling
+   ResNet-50 on a cold cache takes minutes per variant, most of it in one thread; so first the
+   compiled variants compile at the same time, one process each (``precompile``, their compile times
+   reported), and the measuring process then finds their graphs in inductor's on-disk caches.
+4. ``cuda_tests`` (with ``--steps``): ``pytest -m cuda`` (the fused kernels compiled by Triton against
+   the reference; the fused path is opt-in on CUDA).
 """
 
 from __future__ import annotations
@@ -52,26 +57,48 @@ CANDIDATES = {
 TRAIN_STEP_VARIANTS = [
     "none", "cbam (reference)", "timm {arch}-cbam", "cbam (default)", "none (default)", "timm {arch}-cbam@default",
 ]  # fmt: skip
-QUICKSTART_RUNS = ("defaults", "eager reference")  # more with --candidates
-# Seconds per step on CUDA (the CPU mode allows more: compilation on a small CPU is slower).
-LIMITS = {"train_step": 170, "first_step": 60, "quickstart": 80, "quickstart eager reference": 55, "cuda_tests": 50}
+QUICKSTART_RUNS = ("defaults",)  # more with --candidates ("eager reference", ...)
+STEPS = ("quickstart", "train_step", "cuda_tests")
+DEFAULT_STEPS = ("quickstart", "train_step")  # cuda_tests (the opt-in fused path's Triton kernels) with --steps
+# Seconds per step on CUDA (the CPU mode allows more: compilation on a small CPU is slower). The default plan's
+# add up to 350 s: "precompile" compiles train_step's compiled variants, each in its own process at the same time,
+# so that train_step's own first steps find their graphs in inductor's caches.
+LIMITS = {"quickstart": 75, "quickstart eager reference": 55, "precompile": 155, "train_step": 120,
+          "first_step": 60, "cuda_tests": 50}  # fmt: skip
+
+
+def run_steps(steps: dict[str, list[str]], limit: float, log_dir: Path, env: dict | None = None) -> dict[str, dict]:
+    """Run the commands of ``steps`` at the same time, each in its own process group, under one hard limit
+    (a process group still running at the limit is killed); each one's output goes to ``<log_dir>/<name>.log``."""
+    tic = time.perf_counter()
+    running, logs, ended = {}, {}, {}
+    for name, cmd in steps.items():
+        logs[name] = log_dir / (re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") + ".log")
+        with open(logs[name], "w") as log:  # the child keeps its own copy of the file
+            running[name] = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                             start_new_session=True)  # fmt: skip
+    while running and time.perf_counter() - tic < limit:
+        for name, proc in list(running.items()):
+            if proc.poll() is not None:
+                ended[name] = proc.returncode, time.perf_counter() - tic
+                del running[name]
+        time.sleep(0.1)
+    for name, proc in running.items():
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        ended[name] = None, time.perf_counter() - tic
+    entries = {}
+    for name in steps:
+        rc, seconds = ended[name]
+        status = "ok" if rc == 0 else ("timed out" if rc is None else f"exit {rc}")
+        print(f"[{name}] {status} in {seconds:.0f} s", flush=True)
+        entries[name] = {"status": status, "seconds": round(seconds, 1), "log": logs[name].name}
+    return entries
 
 
 def run_step(name: str, cmd: list[str], limit: float, log_dir: Path, env: dict | None = None) -> dict:
-    """Run ``cmd`` in its own process group under a hard limit; its output goes to ``<log_dir>/<name>.log``."""
-    log_path = log_dir / (re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") + ".log")
-    tic = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=limit)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            rc = None
-    status = "ok" if rc == 0 else ("timed out" if rc is None else f"exit {rc}")
-    print(f"[{name}] {status} in {time.perf_counter() - tic:.0f} s", flush=True)
-    return {"status": status, "seconds": round(time.perf_counter() - tic, 1), "log": log_path.name}
+    """``cmd`` alone under a hard limit (``run_steps``)."""
+    return run_steps({name: cmd}, limit, log_dir, env)[name]
 
 
 def environment() -> dict:
@@ -123,7 +150,9 @@ def main(argv=None) -> int:
     parser.add_argument("--data-root", help="Fashion-MNIST folder for the quickstart (default: its usual lookup)")
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--reps", type=int, default=10, help="timed repetitions of the training-step benchmark")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["train_step", "quickstart", "cuda_tests"])
+    parser.add_argument("--steps", nargs="*", default=list(DEFAULT_STEPS), choices=STEPS,
+                        help=f"steps to run (default: {' '.join(DEFAULT_STEPS)})")  # fmt: skip
+    parser.add_argument("--no-precompile", action="store_true", help="train_step compiles its variants itself")
     parser.add_argument("--variants", nargs="*", help="train_step variants (default: TRAIN_STEP_VARIANTS)")
     parser.add_argument("--candidates", nargs="*", help="quickstart runs: 'defaults' and names of CANDIDATES "
                         "(default: QUICKSTART_RUNS)")  # fmt: skip
@@ -143,7 +172,7 @@ def main(argv=None) -> int:
     py = sys.executable
     env = dict(os.environ, PYTHONUNBUFFERED="1")
 
-    if "quickstart" not in args.skip:
+    if "quickstart" in args.steps:
         report["quickstart"] = {}
         default = default_candidate("cpu" if args.cpu else "cuda")
         runs = {f"defaults (= {default})": [], **{k: v for k, v in CANDIDATES.items() if k != default}}
@@ -166,26 +195,39 @@ def main(argv=None) -> int:
                 report["quickstart"][name] = entry
                 save()
 
-    if "train_step" not in args.skip:
-        bench_json = Path(tempfile.mkdtemp()) / "train_step.json"
+    if "train_step" in args.steps:
+        figures_dir = Path(tempfile.mkdtemp())
         arch, size, batch, device = (
             ("resnet18", "32", "2", "cpu") if args.cpu else (args.arch, "224", "256", "cuda")
         )  # fmt: skip
         variants = [v.format(arch=arch) for v in (args.variants or TRAIN_STEP_VARIANTS)]
         if args.cpu:  # CUDA graphs need CUDA
             variants = [v for v in variants if "reduce-overhead" not in v]
-        cmd = [py, "scripts/bench_attention.py", "--arch", arch, "--image-size", size, "--batch", batch, "--device",
-               device, "--measure", "train", "--reps", str(2 if args.cpu else args.reps), "--warmup", "1",
-               "--first-step-limit", str(300 if args.cpu else LIMITS["first_step"]), "--json", str(bench_json),
-               "--only", *variants]  # fmt: skip
+        bench = [py, "scripts/bench_attention.py", "--arch", arch, "--image-size", size, "--batch", batch, "--device",
+                 device, "--measure", "train"]  # fmt: skip
         if not args.cpu:
-            cmd += ["--amp", "bf16", "--channels-last"]
+            bench += ["--amp", "bf16", "--channels-last"]
+        compiled = [v for v in variants if "@" in v or v.endswith("(default)")]  # (default): compiled on CUDA
+        precompile = {}
+        if compiled and not args.no_precompile:
+            jobs = {f"precompile {v}": [*bench, "--first-step-only", "--json", str(figures_dir / f"{i}.json"), "--only",
+                                        v] for i, v in enumerate(compiled)}  # fmt: skip
+            precompile = run_steps(jobs, 600 if args.cpu else LIMITS["precompile"], out, env)
+            for i, v in enumerate(compiled):
+                figures = figures_dir / f"{i}.json"
+                if figures.exists():
+                    precompile[f"precompile {v}"].update(json.loads(figures.read_text()))
+        bench_json = figures_dir / "train_step.json"
+        first_step_limit = 300 if args.cpu else LIMITS["first_step"]
+        cmd = [*bench, "--reps", str(2 if args.cpu else args.reps), "--warmup", "1", "--first-step-limit",
+               str(first_step_limit), "--json", str(bench_json), "--only", *variants]  # fmt: skip
         report["train_step"] = run_step("train_step", cmd, 600 if args.cpu else LIMITS["train_step"], out, env)
         if bench_json.exists():
             report["train_step"].update(json.loads(bench_json.read_text()))
+        report["train_step"]["precompile"] = {k.removeprefix("precompile "): v for k, v in precompile.items()}
         save()
 
-    if "cuda_tests" not in args.skip and not args.cpu:
+    if "cuda_tests" in args.steps and not args.cpu:
         cmd = [py, "-m", "pytest", "-q", "-rs", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_fused.py"]
         report["cuda_tests"] = run_step("cuda_tests", cmd, LIMITS["cuda_tests"], out, env)
         save()

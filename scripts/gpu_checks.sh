@@ -25,5 +25,5 @@ fi
 data=()
 if [ -d .gpu/fashion-mnist ]; then data=(--data-root "$PWD/.gpu/fashion-mnist"); fi
 
-# The steps' own limits add up to 355 s on CUDA; this one is the backstop (SIGKILL 5 s after SIGTERM).
+# The default plan's own limits add up to 350 s on CUDA; this one is the backstop (SIGKILL 5 s after SIGTERM).
 timeout -k 5 ${GPU_CHECKS_LIMIT:-380} "$py" scripts/gpu_checks.py --out "$out" "${data[@]}" "$@"
