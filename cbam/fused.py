@@ -14,12 +14,11 @@ step. Here forward writes one full-size tensor (the block output y) and backward
 Forward (``tail_forward``) and backward (``tail_backward``) are plain tensor functions with the
 gradients written out, the MLP's and the k x k conv's included, compiled whole with
 ``torch.compile`` (inductor: C++ on CPU, Triton on CUDA; ``cbam.graphs``, which falls back to the
-reference when a compiler fails). A pointwise prologue (BN, gates, ReLU
-mask) fuses into each full-size reduction and nothing full-size is materialised in between; one
-compiled call per direction and block measured far cheaper than separate kernels with the small
-parts run as autograd graphs between them (Python, guards and small-graph work; figures in
-docs/performance.md). Without gradients the same forward
-runs without keeping anything; on the CPU, evaluation of float32 channels_last maps goes to a
+reference when a compiler fails). A pointwise prologue (BN, gates, ReLU mask) fuses into each
+full-size reduction and nothing full-size is materialised in between; one compiled call per
+direction and block measured far cheaper than separate kernels with the small parts run as autograd
+graphs between them (Python, guards and small-graph work; figures in docs/performance.md). Without
+gradients the same forward runs without keeping anything; on the CPU, evaluation of float32 channels_last maps goes to a
 hand-written kernel instead (``cbam.cpu_tail``: two passes over x where the graph needs three).
 
 Max pooling's gradient is split evenly between tied maxima, as ``torch.amax`` does; ties are found
