@@ -400,7 +400,10 @@ class Trainer:
         for x, y in self.train_batches.batches(self.epoch, self.next_batch):
             if self.next_batch >= self.steps_per_epoch:
                 break
-            self.train_step(x, y, meter)  # advances global_step and next_batch
+            if self.steps_this_run == 0 and self.compile_mode is not None:
+                self._first_compiled_step(x, y, meter)
+            else:
+                self.train_step(x, y, meter)  # advances global_step and next_batch
             images += x.shape[0] * self.world_size
             self.steps_this_run += 1
             if self.steps_this_run == WARMUP_STEPS:  # leave the warm-up out of the throughput
@@ -426,6 +429,17 @@ class Trainer:
         self._account(tic, images)
         self.train_summary = meter.summary(dist.all_reduce_sum(meter.sums))
         return True
+
+    def _first_compiled_step(self, x: torch.Tensor, y: torch.Tensor, meter: Meter) -> None:
+        """``train_step``, announced: under ``torch.compile`` the model compiles in this process's first
+        step, which takes minutes for a large model on a cold cache (inductor keeps its graphs on disk)."""
+        if self.main:
+            log.info("torch.compile (mode %s): compiling the model in the first training step; with a cold "
+                     "inductor cache this can take minutes", self.compile_mode)  # fmt: skip
+        tic = time.perf_counter()
+        self.train_step(x, y, meter)
+        if self.main and self.compile_mode is not None:  # None: compilation failed, eager mode (warned)
+            log.info("torch.compile: the first step, compilation included, took %.1f s", time.perf_counter() - tic)
 
     def _account(self, tic: float, images: int) -> None:
         self.train_time += time.perf_counter() - tic

@@ -1,13 +1,15 @@
 """Compilation never hurts a run: unknown inductor options are left out, a compiler that fails falls
-back to the reference with one warning, and the reference stays correct under torch.compile."""
+back to the reference with one warning, the reference stays correct under torch.compile, and a run
+with the whole model compiled (the CUDA default) says that it compiles and trains as eager mode does."""
 
+import re
 import sys
 
 import pytest
 import torch
 
 from cbam import graphs
-from helpers import ROOT, TINY, results, run
+from helpers import ROOT, TINY, results, run, train
 from models import create_model
 
 SMOKE = ["experiment=smoke", *TINY, "trainer.epochs=1", "trainer.image_every=0"]
@@ -49,6 +51,23 @@ def test_failing_compiler_falls_back_to_the_reference(tmp_path, compile_override
     ours, reference = results(tmp_path / "broken"), results(tmp_path / "reference")
     assert ours["history"] == reference["history"]
     assert ours["settings"]["compile"] == "off" and ours["settings"]["attention_impl"] == "reference"
+
+
+@pytest.mark.slow
+def test_whole_model_compilation_is_announced_and_trains_as_eager_mode(tmp_path):
+    """trainer.compile=true with the reference modules inside (the default on CUDA): the first step's
+    compilation is logged with its time, and training gives eager mode's numbers."""
+    train(tmp_path / "eager", *SMOKE, "attention.impl=reference", "trainer.compile=false")
+    proc = train(tmp_path / "compiled", *SMOKE, "attention.impl=reference", "trainer.compile=true")
+    text = proc.stdout + proc.stderr
+    assert "torch.compile (mode default): compiling the model in the first training step" in text, text
+    assert re.search(r"torch.compile: the first step, compilation included, took \d+\.\d s", text), text
+    compiled, eager = results(tmp_path / "compiled"), results(tmp_path / "eager")
+    assert compiled["settings"]["compile"] == "default" and compiled["settings"]["attention_impl"] == "reference"
+    assert compiled["steps"] == eager["steps"] == 8
+    for ours, theirs in zip(compiled["history"], eager["history"], strict=True):
+        for split in ("train", "val"):
+            assert ours[split]["loss"] == pytest.approx(theirs[split]["loss"], rel=1e-3), (split, ours, theirs)
 
 
 def run_with(script, run_dir, *overrides):

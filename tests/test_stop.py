@@ -78,12 +78,23 @@ def test_sigterm_during_evaluation_checkpoints_the_epoch_and_resume_finishes_it(
     assert results["history"][0]["train"]["loss"] == pytest.approx(train_loss, abs=1e-4)
 
 
-def test_sigterm_during_a_cold_compile_ends_the_run_within_30s(tmp_path):
-    """The fused kernels compiling from an empty cache (tens of seconds here) when SIGTERM arrives."""
+# What compiles, and the line that train.py logs as it starts compiling.
+COLD_COMPILES = {
+    "fused kernels": ([], "compiling its kernels"),
+    "whole model": (["trainer.compile=true", "attention.impl=reference"], "compiling the model in the first"),
+}
+
+
+@pytest.mark.parametrize("what", COLD_COMPILES)
+def test_sigterm_during_a_cold_compile_ends_the_run_within_30s(tmp_path, what):
+    """The fused kernels, or the whole model under torch.compile (the default on CUDA), compiling from an
+    empty cache (tens of seconds here) when SIGTERM arrives."""
+    overrides, marker = COLD_COMPILES[what]
     cold = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "CBAM_KERNEL_CACHE": str(tmp_path / "kernels")}
     env = dict(os.environ, PYTHONUNBUFFERED="1", CBAM_FUSED_KERNELS="compiled", **cold)
-    cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", "experiment=smoke", *TINY]
-    text, rc, elapsed = sigterm_after_output(cmd, "compiling its kernels", env)
+    cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", "experiment=smoke", *TINY,
+           *overrides]  # fmt: skip
+    text, rc, elapsed = sigterm_after_output(cmd, marker, env)
     assert rc == 0, text
     assert elapsed < 30, f"exit took {elapsed:.1f} s:\n{text}"
     assert "stopped in the middle of work" in text or "stopped at epoch" in text, text
