@@ -45,6 +45,7 @@ def main(cfg: DictConfig) -> float | None:
         try:
             results = Trainer(config, run_dir, stop, overrides).run()
         except StopNow:
+            stop.settle()
             log.warning("stopped before training began; nothing to save")
             results = None
         except RunFolderInUse as exc:  # another run's folder: write nothing there

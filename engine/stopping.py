@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 
@@ -22,15 +23,22 @@ class StopNow(BaseException):
 
 PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # after these a SLURM job is requeued (train.py)
 
+# An overdue stop is delivered again at this interval until the run carries it out: Python drops an
+# exception raised in a weakref callback or a __del__ ("Exception ignored in ..."), and torch's code
+# runs such callbacks often, so one delivery can land where its StopNow is lost.
+REDELIVER_S = 1.0
+
 
 class StopRequest:
     """SIGTERM / SIGINT / SIGUSR1 / SIGUSR2 (SLURM's warning before preemption or the time limit, as
     ``sbatch --signal`` or submitit sends it) ask the run to
     stop after the current step, so that the checkpoint resumes bit-identically. If the run has not
     stopped ``grace_s`` seconds later (a cold compilation, a long evaluation, data loading), the
-    signal is delivered to the main thread again and raises ``StopNow`` there, which interrupts
-    blocking waits too; inside ``critical()`` (the optimizer update and the bookkeeping after it,
-    milliseconds) it waits for the section's end. A second SIGINT stops at once (KeyboardInterrupt)."""
+    signal is delivered to the main thread again (every ``REDELIVER_S`` until the run calls
+    ``settle``) and raises ``StopNow`` there, which interrupts blocking waits too; inside
+    ``critical()`` (the optimizer update and the bookkeeping after it, milliseconds) it waits for the
+    section's end. A second SIGINT stops at once (KeyboardInterrupt). Whoever catches ``StopNow``
+    calls ``settle`` first."""
 
     def __init__(self, grace_s: float = 10.0):
         self.grace_s = grace_s
@@ -42,9 +50,12 @@ class StopRequest:
         self._depth = 0
         self._previous = {}
         self._timer: threading.Timer | None = None
+        self._done = threading.Event()  # settled, or the request's context has ended: no more deliveries
+        self._delivering = threading.Lock()  # no delivery after _done is set (the handler may be gone)
 
     def __enter__(self):
         if self._depth == 0:
+            self._done.clear()
             for sig in (signal.SIGTERM, signal.SIGINT, *PREEMPTION_SIGNALS):
                 self._previous[sig] = signal.signal(sig, self._handle)
         self._depth += 1
@@ -53,6 +64,7 @@ class StopRequest:
     def __exit__(self, *exc):
         self._depth -= 1
         if self._depth == 0:
+            self._finish()
             if self._timer is not None:
                 self._timer.cancel()
             for sig, handler in self._previous.items():
@@ -62,7 +74,7 @@ class StopRequest:
         if self.settled:
             return
         if self.overdue:
-            if not self._critical:
+            if not self._critical and not isinstance(sys.exc_info()[1], StopNow):  # not while one is handled
                 raise StopNow
             return
         if self.requested:
@@ -70,7 +82,7 @@ class StopRequest:
                 raise KeyboardInterrupt
             return
         self.requested, self.signum = True, signum
-        log.warning("%s received: stopping after this step and writing a checkpoint (at most %.0f s)",
+        log.warning("%s received: stopping after this step and writing a checkpoint (at most %g s)",
                     signal.Signals(signum).name, self.grace_s)  # fmt: skip
         self._timer = threading.Timer(self.grace_s, self._expire, args=(threading.main_thread().ident,))
         self._timer.daemon = True
@@ -78,7 +90,16 @@ class StopRequest:
 
     def _expire(self, main_thread: int) -> None:
         self.overdue = True
-        signal.pthread_kill(main_thread, signal.SIGTERM)  # wakes a blocking wait, then raises StopNow
+        while True:
+            with self._delivering:
+                if self._done.is_set():
+                    return
+                signal.pthread_kill(main_thread, signal.SIGTERM)  # wakes a blocking wait, then raises StopNow
+            self._done.wait(REDELIVER_S)
+
+    def _finish(self) -> None:
+        with self._delivering:
+            self._done.set()
 
     @contextmanager
     def critical(self):
@@ -94,3 +115,4 @@ class StopRequest:
     def settle(self) -> None:
         """The stop is being carried out (after ``StopNow``): ignore further signals."""
         self.settled = True
+        self._finish()

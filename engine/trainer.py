@@ -184,6 +184,7 @@ class Trainer:
         if self.resume_path is not None:
             self._load(self.resume_path)
         self.saved_step = self.global_step  # the step of the newest checkpoint
+        self.last_checkpoint = self.resume_path  # the newest checkpoint's file
         self.logger = (
             build_logger(config.get("logger", {}).get("name", "tensorboard"), self.run_dir) if self.main else None
         )
@@ -265,8 +266,8 @@ class Trainer:
         with self.stop.critical():
             for name in names:
                 ckpt_io.save_atomic(state, self.ckpt_dir / name)
-        self.saved_step = self.global_step
-        return self.ckpt_dir / names[0]
+        self.saved_step, self.last_checkpoint = self.global_step, self.ckpt_dir / names[0]
+        return self.last_checkpoint
 
     # ---- the loop -----------------------------------------------------------------------------
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
@@ -352,7 +353,7 @@ class Trainer:
             # the ranks may be anywhere now: no collective, rank 0's meters alone
             where = f"checkpoint {self._save(('last.pt',), self.meter, all_ranks=False)}"
         if self.main:
-            log.warning("stopped in the middle of work (the step did not end within %.0f s): %s; continue with "
+            log.warning("stopped in the middle of work (the step did not end within %g s): %s; continue with "
                         "resume=auto", self.stop.grace_s, where)  # fmt: skip
         dist.cleanup()
 
@@ -367,8 +368,11 @@ class Trainer:
             ", ".join(f"{k} {v}" for k, v in self.settings().items()),
         )  # fmt: skip
         while self.epoch < self.t["epochs"]:
-            if dist.broadcast_flag(self.stop.requested, self.device):  # arrived during evaluation
-                log.warning("stopped after epoch %d; checkpoint %s", self.epoch, self.ckpt_dir / "last.pt")
+            if dist.broadcast_flag(self.stop.requested, self.device):  # arrived during evaluation or start-up
+                saved = self.last_checkpoint
+                where = f"checkpoint {saved}; continue with resume={saved}" if saved else "nothing to save"
+                if self.main:
+                    log.warning("stopped at epoch %d, batch %d; %s", self.epoch + 1, self.next_batch, where)
                 dist.cleanup()
                 return None
             if not self._train_epoch():

@@ -8,11 +8,12 @@ import signal
 import sys
 import threading
 import time
+import weakref
 
 import pytest
 
 from engine import checkpoint as ckpt_io
-from engine.stopping import StopNow, StopRequest
+from engine.stopping import REDELIVER_S, StopNow, StopRequest
 from helpers import ROOT, TINY, sigterm_after_output, train
 
 
@@ -45,6 +46,27 @@ def test_critical_section_finishes_before_the_stop():
                 time.sleep(0.5)  # the signal and the grace period pass in here
                 done.append(True)
         assert done == [True]
+
+
+def test_a_stop_lost_in_a_weakref_callback_is_delivered_again(monkeypatch):
+    """Python drops an exception raised in a weakref callback (torch runs many of them); an overdue stop
+    that lands in one is delivered again and ends the work within REDELIVER_S."""
+    lost = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: lost.append(unraisable.exc_type))
+
+    class Tracked:
+        pass
+
+    with StopRequest(grace_s=0.2):
+        _signal_soon(0.05)
+        tracked = Tracked()
+        ref = weakref.ref(tracked, lambda _: time.sleep(0.5))  # the grace period ends in this callback
+        tic = time.monotonic()
+        del tracked
+        assert ref() is None and lost == [StopNow]
+        with pytest.raises(StopNow):
+            time.sleep(10)
+        assert time.monotonic() - tic < 0.5 + REDELIVER_S + 0.5
 
 
 def test_handlers_are_restored():
@@ -98,4 +120,5 @@ def test_sigterm_during_a_cold_compile_ends_the_run_within_30s(tmp_path, what):
     assert rc == 0, text
     assert elapsed < 30, f"exit took {elapsed:.1f} s:\n{text}"
     assert "stopped in the middle of work" in text or "stopped at epoch" in text, text
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists(), "no step had finished"
     assert not (tmp_path / "run" / "results.json").exists()
