@@ -8,7 +8,6 @@ sweep goes on, and the command exits 1 at the end if any job failed.
 """
 
 import logging
-import os
 import signal
 import sys
 import traceback
@@ -21,11 +20,12 @@ from omegaconf import DictConfig
 from cbam.errors import RunFolderInUse, UserError
 from engine import sweep
 from engine.config import register_configs, swept_overrides, to_container
+from engine.distributed import global_rank
 
 register_configs()
 log = logging.getLogger("cbam")
 
-if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) != "0":  # only rank 0 writes config and log files
+if global_rank() != 0:  # only rank 0 writes config and log files
     sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
 
 
@@ -71,7 +71,7 @@ def main(cfg: DictConfig) -> float | None:
             sweep.write_status(run_dir, "failed", "crash", reason)
             raise
     sweep.write_status(run_dir, "stopped" if results is None else "finished")
-    if stop.signum in PREEMPTION_SIGNALS and os.environ.get("RANK", "0") == "0":  # SLURM's warning: requeue
+    if stop.signum in PREEMPTION_SIGNALS and global_rank() == 0:  # SLURM's warning: requeue
         from engine.distributed import requeue_slurm_job
 
         requeued = requeue_slurm_job()

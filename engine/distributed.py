@@ -50,6 +50,11 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
 
 
+def global_rank() -> int:
+    """This process's rank from torchrun's or SLURM's environment, before any process group exists."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
 def requeue_slurm_job() -> bool:
     """``scontrol requeue`` this SLURM job (after a preemption signal and its checkpoint); False when not
     under SLURM or when scontrol refuses."""

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from .distributed import global_rank
+
 log = logging.getLogger("cbam")
 
 STATUS_FILE = "status.json"
@@ -23,7 +25,10 @@ _failed: list[tuple[str, str]] = []  # (job folder, reason) of this process's fa
 
 
 def write_status(run_dir: str | Path, status: str, kind: str | None = None, reason: str | None = None) -> None:
-    """``status.json`` in the run folder: finished | stopped | failed, and for a failure its kind and reason."""
+    """``status.json`` in the run folder: finished | stopped | failed, and for a failure its kind and reason.
+    Written by rank 0 alone: the processes of a distributed run share its folder."""
+    if global_rank() != 0:
+        return
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {"status": status, **({"kind": kind, "reason": reason} if status == "failed" else {})}

@@ -12,6 +12,7 @@ import pytest
 
 from engine import checkpoint as ckpt_io
 from engine.distributed import first_host, slurm_to_torchrun_env
+from engine.sweep import read_status, write_status
 from helpers import ROOT, TINY, assert_equal_tree, results, torchrun
 
 COMMON = ["experiment=smoke", *TINY, "trainer.sync_bn=true", "trainer.batch_size=64", "trainer.image_every=0",
@@ -32,6 +33,20 @@ def test_slurm_variables_become_torchrun_variables():
     assert env["MASTER_ADDR"] == "gpu07" and env["MASTER_PORT"] == "20123"
     torchrun_env = {"WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "8"}
     assert not slurm_to_torchrun_env(torchrun_env) and torchrun_env["WORLD_SIZE"] == "2"
+
+
+def test_only_rank_0_writes_the_run_status(tmp_path, monkeypatch):
+    """The processes of a distributed run share its folder: two writers of status.json raced (one's
+    temporary file renamed away under the other)."""
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "1")  # a second srun task, before its process group exists
+    write_status(tmp_path, "finished")
+    monkeypatch.setenv("RANK", "1")  # under torchrun
+    write_status(tmp_path, "failed", "crash", "boom")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("RANK", "0")
+    write_status(tmp_path, "stopped")
+    assert read_status(tmp_path) == {"status": "stopped"} and sorted(tmp_path.iterdir()) == [tmp_path / "status.json"]
 
 
 def slurm_tasks(run_dir, *overrides, job_id: int, extra_env=None):
@@ -92,9 +107,11 @@ def test_preemption_requeues_and_the_requeued_job_ends_like_an_uninterrupted_one
     assert "job requeued" in outs[0]
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", str(job)]  # rank 0 only, once
     assert not (tmp_path / "preempted" / "results.json").exists()
+    assert read_status(tmp_path / "preempted") == {"status": "stopped"}
     # the requeued job: same command (with resume=auto), SLURM_RESTART_COUNT=1
     wait_all(slurm_tasks(tmp_path / "preempted", *exact, "resume=auto", job_id=job,
                          extra_env={**path, "SLURM_RESTART_COUNT": "1"}))  # fmt: skip
+    assert read_status(tmp_path / "preempted") == {"status": "finished"}
     a, b = results(tmp_path / "uninterrupted"), results(tmp_path / "preempted")
     assert a["history"] == b["history"]
     ca, cb = (ckpt_io.load(tmp_path / d / "checkpoints" / "last.pt") for d in ("uninterrupted", "preempted"))
