@@ -348,14 +348,18 @@ class Trainer:
         """The run did not reach a step's end within the stop's grace period: checkpoint what finished
         (the BatchNorm statistics of an interrupted training forward included)."""
         self.stop.settle()
-        where = "nothing new to save"
         if self.global_step > self.saved_step:
             # the ranks may be anywhere now: no collective, rank 0's meters alone
-            where = f"checkpoint {self._save(('last.pt',), self.meter, all_ranks=False)}"
+            self._save(("last.pt",), self.meter, all_ranks=False)
         if self.main:
-            log.warning("stopped in the middle of work (the step did not end within %g s): %s; continue with "
-                        "resume=auto", self.stop.grace_s, where)  # fmt: skip
+            log.warning("stopped in the middle of work (the step did not end within %g s); %s", self.stop.grace_s,
+                        self._saved_state())  # fmt: skip
         dist.cleanup()
+
+    def _saved_state(self) -> str:
+        """Where a stopped run's state is, for its last log line."""
+        saved = self.last_checkpoint
+        return f"checkpoint {saved}; continue with resume={saved}" if saved else "nothing to save"
 
     def _run(self) -> dict | None:
         fixed_images = next(self.val_batches.batches())[0][:8]
@@ -369,9 +373,8 @@ class Trainer:
         )  # fmt: skip
         while self.epoch < self.t["epochs"]:
             if dist.broadcast_flag(self.stop.requested, self.device):  # arrived during evaluation or start-up
-                saved = self.last_checkpoint
-                where = f"checkpoint {saved}; continue with resume={saved}" if saved else "nothing to save"
                 if self.main:
+                    where = self._saved_state()
                     log.warning("stopped at epoch %d, batch %d; %s", self.epoch + 1, self.next_batch, where)
                 dist.cleanup()
                 return None
