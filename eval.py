@@ -51,7 +51,9 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.device)
     set_tf32(device, trainer.get("tf32", False))  # as the run's own validation (no such key: before TF32 was on)
     batch_size = cfg.batch_size or trainer["eval_batch_size"] or trainer["batch_size"]
-    _, val_batches = build_batches(data, 1, batch_size, config["seed"], device)
+    dtype = amp_dtype(trainer["amp"], device)
+    seed = config["seed"]
+    _, val_batches = build_batches(data, 1, batch_size, seed, device, dtype=dtype or torch.float32, train=False)
     model = build_model(config, pretrained=False)
     model.load_state_dict(ckpt["model"])
     params, gmacs = count_params(model), count_gmacs(model, (data["in_chans"], data["image_size"], data["image_size"]))
@@ -60,8 +62,9 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
         model.to(memory_format=torch.channels_last)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=trainer["label_smoothing"])
     tic = time.perf_counter()
-    meter = evaluate(model, val_batches, criterion, device, amp_dtype(trainer["amp"], device), trainer["channels_last"],
-                     cfg.limit_val_batches)  # fmt: skip
+    flip = trainer.get("eval_flip", False)  # as the run's own validation (no such key: before the option)
+    limit = cfg.limit_val_batches
+    meter = evaluate(model, val_batches, criterion, device, dtype, trainer["channels_last"], limit, flip)
     elapsed = time.perf_counter() - tic
     summary = meter.summary()
     return {

@@ -43,7 +43,7 @@ def main(cfg: DictConfig) -> float | None:
     # Installed before the trainer loads data and builds the model, so that a signal then stops the run too.
     with StopRequest(config["trainer"]["stop_grace_s"]) as stop:
         try:
-            results = Trainer(config, run_dir, stop, overrides).run()
+            results = Trainer(config, run_dir, stop, overrides).fit()
         except StopNow:
             stop.settle()
             log.warning("stopped before training began; nothing to save")

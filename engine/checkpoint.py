@@ -12,6 +12,8 @@ import torch
 
 from cbam.errors import UserError
 
+from .files import umask
+
 
 class CheckpointError(UserError):
     """A checkpoint is missing, unreadable, or does not fit this run."""
@@ -27,7 +29,7 @@ def save_atomic(obj: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private (0600); a checkpoint is as shareable as any file
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes it private (0600); a checkpoint is as shareable as any file
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -48,11 +50,27 @@ def save_atomic(obj: dict, path: Path) -> None:
         os.close(dir_fd)
 
 
-def _umask() -> int:
-    """The process's file-creation mask (reading it means setting it: set it straight back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+class NonFiniteWeights(CheckpointError):
+    """A checkpoint would hold NaN or infinite weights: refused, the previous one stays."""
+
+
+def save_run(state: dict, paths: list[Path], step: int) -> None:
+    """A run's state (``state["model"]`` its weights) under each of ``paths``, atomically; refuses
+    non-finite weights, so that a checkpoint always holds a model worth resuming."""
+    for name, tensor in state["model"].items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise NonFiniteWeights(f"parameter {name} is not finite at step {step}; no checkpoint written")
+    for path in paths:
+        save_atomic(state, path)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict``, keeping how this optimizer was built to run (fused, foreach): a
+    checkpoint stores those flags with the hyper-parameters, and they belong to the device, not the run."""
+    flags = [{k: group[k] for k in ("fused", "foreach") if k in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, kept in zip(optimizer.param_groups, flags, strict=True):
+        group.update(kept)
 
 
 def load(path: str | Path) -> dict:
@@ -81,7 +99,7 @@ NOT_ARCHITECTURE = ("name", "impl", "drop_rate", "pretrained")  # fields that do
 
 def architecture(config: dict) -> dict:
     """The shape-deciding config entries, flattened: {"model.arch": ..., "attention.pool": ...}."""
-    flat = {}
+    flat = {"model.blurpool": False}  # what checkpoints from before the option had
     for keys in ARCH_KEYS:
         node = config
         for k in keys:
@@ -96,8 +114,11 @@ def architecture(config: dict) -> dict:
 def check_same_architecture(ckpt_config: dict, config: dict, path) -> None:
     """Refuse a checkpoint whose network differs from the configured one, naming the differences."""
     theirs, ours = architecture(ckpt_config), architecture(config)
-    diff = [f"{k}={theirs.get(k)!r} (this run: {ours.get(k)!r})" for k in sorted(set(theirs) | set(ours))
-            if theirs.get(k) != ours.get(k)]  # fmt: skip
+    diff = [
+        f"{k}={theirs.get(k)!r} (this run: {ours.get(k)!r})"
+        for k in sorted(set(theirs) | set(ours))
+        if theirs.get(k) != ours.get(k)
+    ]
     if diff:
         raise CheckpointError(
             f"checkpoint {str(path)!r} holds another architecture: {'; '.join(diff)}. Fix: pass the same "

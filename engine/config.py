@@ -21,7 +21,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from cbam.spec import CHOICES, AttentionSpec
 from models import ARCHS
 
-from .data import DATASETS
+from .data import DATASETS, DECODE_CHOICES, FORMATS
 from .device import AMP_CHOICES, COMPILE_MODES
 
 
@@ -53,9 +53,11 @@ AttentionConfig = _attention_schema()
 
 Arch = _enum("Arch", ARCHS)  # the backbones' registry (models/factory.py)
 Stem = _enum("Stem", ["auto", "imagenet", "cifar"])
-Dataset = _enum("Dataset", DATASETS)  # the data sets' registry (engine/data.py)
+Dataset = _enum("Dataset", DATASETS)  # the data sets' registry (engine/data/__init__.py)
+DataFormat = _enum("DataFormat", FORMATS)
+Decode = _enum("Decode", DECODE_CHOICES)
 Optimizer = _enum("Optimizer", ["sgd", "adamw"])
-Schedule = _enum("Schedule", ["step", "cosine", "constant"])
+Schedule = _enum("Schedule", ["step", "cosine", "linear", "constant"])
 Amp = _enum("Amp", AMP_CHOICES)
 CompileMode = _enum("CompileMode", COMPILE_MODES)
 
@@ -70,6 +72,7 @@ class ModelConfig:
     zero_init_residual: Optional[bool] = None
     drop_rate: float = 0.0
     pretrained: Optional[str] = None  # torchvision | timm | path to a checkpoint (models/pretrained.py)
+    blurpool: bool = False  # a blur before each strided conv (models/blurpool.py; FFCV's recipe)
 
 
 @dataclass
@@ -78,15 +81,21 @@ class DataConfig:
     root: str = "data"
     num_classes: int = MISSING
     in_chans: int = 3
-    image_size: int = 32  # training crop (and eval crop for ImageNet-style sets)
-    resize_size: int = 0  # eval resize before the center crop (ImageFolder); 0 = image_size * 8/7
+    image_size: int = 32  # training crop (the last one with progressive training)
+    # Image sets: how they are stored, evaluated, and the training resolution of each epoch.
+    format: DataFormat = DataFormat.folder  # folder (train/<class>/*.JPEG) | shards (scripts/prepare_data.py)
+    decode: Decode = Decode.auto  # where JPEGs are decoded: cpu (workers) | device (nvJPEG on CUDA) | auto (measured)
+    eval_size: int = 0  # evaluation crop; 0 = image_size
+    resize_size: int = 0  # evaluation resize of the short side before the centre crop; 0 = eval_size * 8/7
+    progressive_from: int = 0  # training crop of the first epochs (FFCV's low-res start); 0 = image_size throughout
+    progressive_epochs: list[int] = field(default_factory=lambda: [0, 0])  # crop grows from .._from to image_size
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     augment: bool = True  # in-memory sets: random crop after zero padding + horizontal flip
     crop_padding: int = 4
     download: bool = True  # fetch with torchvision when the files are missing and a network is there
     verify: bool = True  # CIFAR: check the files against torchvision's MD5 sums (false: files made by hand)
-    workers: int = 4  # DataLoader workers (ImageFolder only; in-memory sets need none)
+    workers: int = 4  # processes that decode image sets (0: the main process); in-memory sets need none
     train_size: int = 0  # synthetic only: number of images
     val_size: int = 0
 
@@ -98,6 +107,7 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 1e-4
+    weight_decay_norm_bias: bool = True  # false: no weight decay on norm layers and biases (timm's param groups)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
 
 
@@ -108,7 +118,7 @@ class SchedConfig:
     decay_rate: float = 0.1
     warmup_epochs: float = 0.0  # linear warmup from warmup_lr
     warmup_lr: float = 1e-5
-    min_lr: float = 0.0  # cosine floor
+    min_lr: float = 0.0  # cosine and linear: the lr at the last epoch's end
     per_step: bool = False  # update the lr every step (short runs) instead of every epoch
 
 
@@ -124,6 +134,10 @@ class TrainerConfig:
     compile: Optional[bool] = None  # torch.compile the model; null: where it measured faster (engine/device.py)
     compile_mode: CompileMode = CompileMode.auto  # torch.compile's mode; auto: the device's measured one
     label_smoothing: float = 0.0
+    max_nonfinite_steps: int = (
+        10  # steps in a row whose update was skipped (loss or gradients not finite) before the run stops
+    )
+    eval_flip: bool = False  # evaluation: the mean of the logits of each image and its mirror image (FFCV's TTA)
     grad_clip: float = 0.0  # max global grad norm; 0 = off
     log_every: int = 50  # steps between plain log lines (when stdout is not a terminal)
     image_every: int = 5  # epochs between attention-map images in TensorBoard; 0 = off

@@ -7,8 +7,8 @@ the same accuracy (docs/performance.md); every one is a single setting away:
 - ``trainer.tf32=true``: TF32 tensor cores for float32 matmuls and convolutions on CUDA.
 - cuDNN's benchmark mode on CUDA, off with ``trainer.deterministic=true``.
 - ``trainer.compile=null`` (auto): ``torch.compile`` of the whole model in the mode of
-  ``AUTO_COMPILE_MODE`` for the device type, none where the device type is absent from it, and
-  none with several processes (no measurement supports it there yet).
+  ``AUTO_COMPILE_MODE`` for the device type (``AUTO_COMPILE_MODE_DDP`` with several processes), none
+  where the device type is absent from it.
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune-no-cudagrap
 # mode and 3.7x faster than eager, to the same accuracy (docs/performance.md). On the CPU eager mode
 # with the fused attention Function.
 AUTO_COMPILE_MODE: dict[str, str] = {"cuda": "reduce-overhead"}
+# The same with several processes (DDP wrapped, then compiled: dynamo's DDPOptimizer splits the graph at
+# DDP's gradient buckets). On CUDA the default mode: CUDA graphs with DDP and BatchNorm meet known
+# problems in torch (pytorch/pytorch#139207, "skipping cudagraphs due to mutated inputs"), so they wait
+# for a measurement there (scripts/gpu_checks.py's one-process DDP step). The CPU: eager, as alone.
+AUTO_COMPILE_MODE_DDP: dict[str, str] = {"cuda": "default"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -73,17 +78,17 @@ def set_cudnn_benchmark(device: torch.device, enabled: bool) -> None:
     torch.backends.cudnn.benchmark = enabled and device.type == "cuda"
 
 
-def compile_mode(compile: bool | None, mode: str, device: torch.device, processes: int = 1) -> str | None:
+def compile_mode(compile: bool | None, mode: str, device: torch.device, distributed: bool = False) -> str | None:
     """The ``torch.compile`` mode to train with, or None for eager mode.
 
-    ``compile``: True, False or None (auto: ``AUTO_COMPILE_MODE`` of the device type, for a single
-    process); ``mode``: one of ``COMPILE_MODES``, where "auto" takes the device type's measured mode,
-    else "default"."""
+    ``compile``: True, False or None (auto: ``AUTO_COMPILE_MODE``, or ``AUTO_COMPILE_MODE_DDP`` for a DDP
+    model, of the device type); ``mode``: one of ``COMPILE_MODES``, where "auto" takes the device type's
+    measured mode, else "default"."""
+    measured = (AUTO_COMPILE_MODE_DDP if distributed else AUTO_COMPILE_MODE).get(device.type)
     if compile is None:
-        chosen = AUTO_COMPILE_MODE.get(device.type) if processes == 1 else None
-        if chosen is None:
+        if measured is None:
             return None
-        return chosen if mode == "auto" else mode
+        return measured if mode == "auto" else mode
     if not compile:
         return None
-    return AUTO_COMPILE_MODE.get(device.type, "default") if mode == "auto" else mode
+    return (measured or "default") if mode == "auto" else mode

@@ -35,15 +35,32 @@ def slurm_to_torchrun_env(environ=os.environ) -> bool:
     return True
 
 
+_control_group = None  # where the ranks exchange flags: gloo, on the CPU
+
+
 def init_from_env(device: torch.device) -> tuple[int, int]:
-    """(rank, world size); joins the process group when started by ``torchrun`` or as SLURM tasks."""
+    """(rank, world size); joins the process group when started by ``torchrun`` (even as its only process) or
+    as several SLURM tasks."""
+    global _control_group
     slurm_to_torchrun_env()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
+    if world_size == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:  # torchrun's runs are DDP, of one process too
         return 0, 1
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    _control_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
     return dist.get_rank(), world_size
+
+
+def agree(flag: bool, interval: int) -> tuple[bool, int]:
+    """(True if ``flag`` is on any rank, the smallest ``interval`` of all ranks), the same on every rank: one
+    all-reduce of two integers over the CPU (gloo), which waits for no device. Every rank must call it at
+    the same point of the run."""
+    if not dist.is_initialized():
+        return flag, interval
+    values = torch.tensor([int(flag), -interval])
+    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=_control_group)
+    return bool(values[0]), int(-values[1])
 
 
 def local_rank() -> int:
@@ -92,8 +109,10 @@ def broadcast_object(obj):
 
 
 def cleanup() -> None:
+    global _control_group
     if dist.is_initialized():
         dist.destroy_process_group()
+    _control_group = None
 
 
 class AllReduceBatchNorm2d(torch.nn.BatchNorm2d):

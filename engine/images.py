@@ -12,7 +12,9 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from cbam.errors import UserError
 
-from .data import IMAGE_FOLDERS, eval_geometry
+from .data import IMAGE_SETS, DataError, eval_geometry, image_sources
+from .data.decode import decode_rgb
+from .data.geometry import center_crop
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -36,38 +38,40 @@ def image_files(paths: list[str | Path]) -> list[Path]:
 def read_images(files: list[Path], data: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(shown, inputs) for the data set config ``data``: images in [0, 1] at the network's input size
     (grey or RGB as ``data.in_chans``), and the same normalised by the data set's mean and std.
-    ImageNet-style sets get the evaluation crop (resize, centre crop); small sets a plain resize."""
-    size = data["image_size"]
-    if data["name"] in IMAGE_FOLDERS:
-        geometry = eval_geometry(data)
+    ImageNet-style sets get their evaluation crop, decoded as the validation batches are (``engine.data``);
+    small sets a plain resize."""
+    if data["name"] in IMAGE_SETS:
+        resize, size = eval_geometry(data)
+        crops = [center_crop(decode_rgb(Path(file).read_bytes(), str(file)), resize, size) for file in files]
+        shown_batch = torch.stack(crops).permute(0, 3, 1, 2).float() / 255
     else:
-        geometry = [transforms.Resize((size, size))]
-    to_tensor = transforms.Compose([*geometry, transforms.ToTensor()])
-    mode = "L" if data["in_chans"] == 1 else "RGB"
-    shown = []
-    for file in files:
-        try:
-            with Image.open(file) as image:
-                shown.append(to_tensor(image.convert(mode)))
-        except (UnidentifiedImageError, OSError) as exc:
-            raise UserError(f"{str(file)!r} cannot be read as an image ({exc})") from None
-    shown_batch = torch.stack(shown)
+        shown_batch = torch.stack([_small_image(file, data) for file in files])
     inputs = transforms.Normalize(data["mean"], data["std"])(shown_batch)
     return shown_batch, inputs
 
 
+def _small_image(file: Path, data: dict) -> torch.Tensor:
+    size = data["image_size"]
+    to_tensor = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor()])
+    try:
+        with Image.open(file) as image:
+            return to_tensor(image.convert("L" if data["in_chans"] == 1 else "RGB"))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UserError(f"{str(file)!r} cannot be read as an image ({exc})") from None
+
+
 def class_names(data: dict) -> list[str]:
-    """Names of the classes by index: the data set's own where known (Fashion-MNIST, CIFAR-10, the class
-    folders of an image-folder set that is still on disk), the indices otherwise."""
+    """Names of the classes by index: the data set's own where known (Fashion-MNIST, CIFAR-10, the classes
+    of an image set that is still on disk: its folders or its shards'), the indices otherwise."""
     if data["name"] == "fashion_mnist":
         from torchvision.datasets import FashionMNIST
 
         return list(FashionMNIST.classes)
     if data["name"] == "cifar10":
         return list(CIFAR10_CLASSES)
-    val = Path(str(data.get("root"))) / "val"
-    if data["name"] in IMAGE_FOLDERS and val.is_dir():
-        folders = sorted(p.name for p in val.iterdir() if p.is_dir())
-        if len(folders) == data["num_classes"]:
-            return folders
+    if data["name"] in IMAGE_SETS:
+        try:
+            return list(image_sources(data, ("val",))["val"].classes)
+        except DataError:  # moved or deleted since training
+            pass
     return [str(i) for i in range(data["num_classes"])]

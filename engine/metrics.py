@@ -19,15 +19,24 @@ class Meter:
     def __init__(self, device, state: torch.Tensor | None = None):
         self.sums = state.to(device) if state is not None else torch.zeros(4, dtype=torch.float64, device=device)
 
-    def update(self, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> None:
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, skip: torch.Tensor | None = None):
+        """Add a batch; ``skip`` (a bool tensor): leave it out, on the device (a training step whose update
+        was skipped, whose NaN loss would make the epoch's mean NaN)."""
         n = target.shape[0]
         correct = topk_correct(logits.detach(), target)
-        self.sums += torch.stack([loss.detach().double() * n, correct[0].double(), correct[1].double(),
-                                  torch.tensor(n, dtype=torch.float64, device=self.sums.device)])  # fmt: skip
+        count = torch.full((), n, dtype=torch.float64, device=self.sums.device)  # a fill, not a host-to-device copy
+        batch = torch.stack([loss.detach().double() * n, correct[0].double(), correct[1].double(), count])
+        self.sums += batch if skip is None else torch.where(skip, 0.0, batch)
 
     def summary(self, sums: torch.Tensor | None = None) -> dict:
         loss, c1, c5, n = (sums if sums is not None else self.sums).tolist()
         n = max(n, 1)
         top1, top5 = 100 * c1 / n, 100 * c5 / n
-        return {"loss": loss / n, "top1": top1, "top5": top5, "top1_err": 100 - top1, "top5_err": 100 - top5,
-                "samples": int(n)}  # fmt: skip
+        return {
+            "loss": loss / n,
+            "top1": top1,
+            "top5": top5,
+            "top1_err": 100 - top1,
+            "top5_err": 100 - top5,
+            "samples": int(n),
+        }

@@ -3,20 +3,44 @@
 from __future__ import annotations
 
 import torch
-from timm.scheduler import CosineLRScheduler, StepLRScheduler
+from timm.optim import param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler, PolyLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 
 
 def build_optimizer(model: torch.nn.Module, optim: dict) -> torch.optim.Optimizer:
-    """SGD (the paper's: momentum 0.9, wd 1e-4 on every parameter) or AdamW."""
-    if optim["name"] == "sgd":
-        return torch.optim.SGD(
-            model.parameters(), lr=optim["lr"], momentum=optim["momentum"], nesterov=optim["nesterov"],
-            weight_decay=optim["weight_decay"],
-        )  # fmt: skip
-    return torch.optim.AdamW(
-        model.parameters(), lr=optim["lr"], betas=tuple(optim["betas"]), weight_decay=optim["weight_decay"]
+    """SGD (the paper's: momentum 0.9, wd 1e-4 on every parameter) or AdamW, for ``model``'s parameters
+    where they are now. With ``weight_decay_norm_bias=false``, norm layers' parameters and biases (every
+    parameter of one dimension) get no weight decay: timm's ``param_groups_weight_decay``, as FFCV's and
+    timm's recipes.
+
+    torch's fused implementation where the device has one (CUDA; the CPU from torch 2.4): one kernel per
+    step, and it skips its update on the device when told (``found_inf``, ``engine.update``). SGD's
+    momentum buffers start at zero rather than at the first gradient, which is the same first step
+    (0 * momentum + gradient) and leaves no uninitialised buffer if that first update is skipped."""
+    params = (
+        list(model.parameters())
+        if optim.get("weight_decay_norm_bias", True)
+        else (param_groups_weight_decay(model, optim["weight_decay"]))
     )
+    if optim["name"] == "sgd":
+        options = dict(
+            lr=optim["lr"], momentum=optim["momentum"], nesterov=optim["nesterov"], weight_decay=optim["weight_decay"]
+        )
+        optimizer = _fused_if_supported(torch.optim.SGD, params, options)
+        if optim["momentum"]:
+            for p in model.parameters():
+                optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return optimizer
+    options = dict(lr=optim["lr"], betas=tuple(optim["betas"]), weight_decay=optim["weight_decay"])
+    return _fused_if_supported(torch.optim.AdamW, params, options)
+
+
+def _fused_if_supported(cls, params, options: dict) -> torch.optim.Optimizer:
+    try:
+        return cls(params, fused=True, **options)
+    except (RuntimeError, ValueError):  # no fused kernels for these parameters' device or dtype
+        return cls(params, **options)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, sched: dict, epochs: int, steps_per_epoch: int) -> Scheduler:
@@ -30,6 +54,15 @@ def build_scheduler(optimizer: torch.optim.Optimizer, sched: dict, epochs: int, 
     )
     if sched["name"] == "cosine":
         return CosineLRScheduler(optimizer, t_initial=epochs * unit, lr_min=sched["min_lr"], **common)
+    if sched["name"] == "linear":  # after the warmup, straight down to min_lr at the end (FFCV's schedule)
+        return PolyLRScheduler(
+            optimizer,
+            t_initial=epochs * unit - common["warmup_t"],
+            power=1.0,
+            lr_min=sched["min_lr"],
+            warmup_prefix=True,
+            **common,
+        )
     if sched["name"] == "step":
         return StepLRScheduler(
             optimizer, decay_t=sched["decay_epochs"] * unit, decay_rate=sched["decay_rate"], **common

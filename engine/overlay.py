@@ -15,11 +15,12 @@ def normalise(maps: torch.Tensor) -> torch.Tensor:
 
 
 def colorize(maps01: torch.Tensor, cmap: str = "jet") -> torch.Tensor:
-    """(N, h, w) values in [0, 1] -> (N, 3, h, w) RGB in [0, 1] through a matplotlib colormap."""
+    """(N, h, w) values in [0, 1] -> (N, 3, h, w) RGB in [0, 1] through a matplotlib colormap (a NaN, from a
+    diverged model, as 0)."""
     from matplotlib import colormaps
 
     table = torch.tensor(colormaps[cmap](torch.linspace(0, 1, 256).numpy())[:, :3], dtype=torch.float32)
-    index = (maps01.clamp(0, 1) * 255).round().long().cpu()
+    index = (maps01.nan_to_num(0.0).clamp(0, 1) * 255).round().long().cpu()
     return table[index].permute(0, 3, 1, 2)
 
 

@@ -15,9 +15,17 @@ from .metrics import Meter
 from .profile import count_gmacs, count_params
 
 __all__ = [
-    "amp_dtype", "autocast", "build_batches", "build_model", "count_gmacs", "count_params", "evaluate", "load_model",
-    "resolve_device", "set_tf32",
-]  # fmt: skip
+    "amp_dtype",
+    "autocast",
+    "build_batches",
+    "build_model",
+    "count_gmacs",
+    "count_params",
+    "evaluate",
+    "load_model",
+    "resolve_device",
+    "set_tf32",
+]
 
 
 def build_model(config: dict, pretrained: bool = True) -> torch.nn.Module:
@@ -40,17 +48,21 @@ def load_model(path) -> tuple[torch.nn.Module, dict]:
 
 
 @torch.no_grad()
-def evaluate(model, batches, criterion, device, amp_dtype=None, channels_last=False, limit: int = 0) -> Meter:
+def evaluate(
+    model, batches, criterion, device, amp_dtype=None, channels_last=False, limit: int = 0, flip: bool = False
+) -> Meter:
     """Loss and top-1/top-5 counts of ``model`` (in eval mode) over a validation iterator; used by the
-    trainer after every epoch and by ``eval.py``, so both report the same numbers."""
+    trainer after every epoch and by ``eval.py``, so both report the same numbers. ``flip``: the mean
+    of the logits of each image and of its mirror image (``trainer.eval_flip``)."""
     was_training = model.training
     model.eval()
     meter = Meter(device)
-    for i, (x, y) in enumerate(batches.batches()):
-        if limit and i >= limit:
-            break
+    for x, y in batches.batches(stop=limit or None):
+        x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
         with autocast(device, amp_dtype):
-            logits = model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
-        meter.update(criterion(logits.float(), y), logits.float(), y)
+            logits = model(x).float()
+            if flip:
+                logits = (logits + model(x.flip(3)).float()) / 2
+        meter.update(criterion(logits, y), logits, y)
     model.train(was_training)
     return meter

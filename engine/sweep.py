@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
 from .distributed import global_rank
+from .files import write_atomic
 
 log = logging.getLogger("cbam")
 
@@ -32,9 +32,7 @@ def write_status(run_dir: str | Path, status: str, kind: str | None = None, reas
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {"status": status, **({"kind": kind, "reason": reason} if status == "failed" else {})}
-    tmp = run_dir / f".{STATUS_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, run_dir / STATUS_FILE)
+    write_atomic(run_dir / STATUS_FILE, json.dumps(record, indent=2))
 
 
 def read_status(run_dir: str | Path) -> dict | None:

@@ -1,16 +1,22 @@
 """One training run: build everything from a resolved config, train, evaluate, log, checkpoint.
 
 Only the entry points know about Hydra; this module takes a plain dict (``engine.config.to_container``)
-and a run directory. A run can be stopped at any step and resumed to exactly where it would have
-been: the data order and augmentation are functions of (seed, epoch, batch), the lr a function of
-(epoch, step), and a checkpoint holds everything else (weights, optimizer, scaler, meters, RNGs).
+and a run directory. ``Trainer.fit`` is the loop, on one screen; the helpers below it do one thing each.
+A run can be stopped at any step and resumed to exactly where it would have been: the data order and
+augmentation are functions of (seed, epoch, batch), the lr a function of (epoch, step), and a
+checkpoint holds everything else (weights, optimizer, scaler, meters, RNGs).
+
+A training step reads nothing back from the device: a non-finite loss or gradient skips its update on
+the device (``engine.update``); the host reads the losses, the accuracy and the count of skipped steps
+on logging steps (``trainer.log_every``) and at epoch ends. With several processes the ranks agree
+whether to stop over a CPU channel, every few steps (as many as fit in a quarter of the stop's grace
+period at the measured step time), instead of a device collective every step.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import sys
@@ -27,8 +33,10 @@ from cbam.modules import AttentionModule
 
 from . import checkpoint as ckpt_io
 from . import distributed as dist
-from .data import build_batches
+from .clock import Clock
+from .data import IMAGE_SETS, build_batches
 from .device import amp_dtype, autocast, compile_mode, resolve_device, set_cudnn_benchmark, set_tf32
+from .files import write_atomic
 from .loggers import build_logger
 from .metrics import Meter
 from .optim import build_optimizer, build_scheduler
@@ -36,8 +44,13 @@ from .profile import count_gmacs, count_params
 from .shared import build_model, evaluate
 from .stopping import StopNow, StopRequest
 from .tblog import CHARTS, METRICS, log_attention, write_hparams
+from .update import GuardedUpdate
 
 log = logging.getLogger("cbam")
+
+# The first steps of each process compile kernels (fused CBAM, trainer.compile) and fill the allocator;
+# they count in train_s/wall_s but not in train_img_per_s, which is the steady-state rate.
+WARMUP_STEPS = 3
 
 
 def validate(config: dict) -> None:
@@ -52,21 +65,36 @@ def validate(config: dict) -> None:
         (not 0 <= t["label_smoothing"] < 1, f"trainer.label_smoothing must be in [0, 1), got {t['label_smoothing']}"),
         (t["grad_clip"] < 0, f"trainer.grad_clip must be >= 0 (0 = off), got {t['grad_clip']}"),
         (t["stop_grace_s"] <= 0, f"trainer.stop_grace_s must be > 0, got {t['stop_grace_s']}"),
+        (t["log_every"] < 1, f"trainer.log_every must be >= 1, got {t['log_every']}"),
+        (t["max_nonfinite_steps"] < 1, f"trainer.max_nonfinite_steps must be >= 1, got {t['max_nonfinite_steps']}"),
         (config["model"]["width"] <= 0, f"model.width must be > 0, got {config['model']['width']}"),
         (d["num_classes"] < 1, f"data.num_classes must be >= 1, got {d['num_classes']}"),
-        (len(d["mean"]) != d["in_chans"] or len(d["std"]) != d["in_chans"],
-         f"data.mean and data.std need one value per channel (data.in_chans={d['in_chans']})"),
-        (d["name"] == "synthetic" and (d["train_size"] < 1 or d["val_size"] < 1),
-         "data.train_size and data.val_size must be >= 1 for the synthetic set"),
-    ]  # fmt: skip
+        (
+            len(d["mean"]) != d["in_chans"] or len(d["std"]) != d["in_chans"],
+            f"data.mean and data.std need one value per channel (data.in_chans={d['in_chans']})",
+        ),
+        (
+            d["name"] == "synthetic" and (d["train_size"] < 1 or d["val_size"] < 1),
+            "data.train_size and data.val_size must be >= 1 for the synthetic set",
+        ),
+        (d["workers"] < 0, f"data.workers must be >= 0 (0: decode in the main process), got {d['workers']}"),
+        (min(d["eval_size"], d["resize_size"]) < 0, "data.eval_size and data.resize_size must be >= 0 (0: default)"),
+        (
+            len(d["progressive_epochs"]) != 2 or not 0 <= d["progressive_epochs"][0] <= d["progressive_epochs"][1],
+            f"data.progressive_epochs must be [first, last] epochs, 0 <= first <= last, got {d['progressive_epochs']}",
+        ),
+        (
+            d["progressive_from"] and d["name"] not in IMAGE_SETS,
+            f"data.progressive_from: progressive resizing is for image sets ({', '.join(IMAGE_SETS)}), not {d['name']}",
+        ),
+        (
+            not 0 <= d["progressive_from"] <= d["image_size"],
+            f"data.progressive_from must be in [0, data.image_size={d['image_size']}], got {d['progressive_from']}",
+        ),
+    ]
     for bad, message in problems:
         if bad:
             raise UserError(message)
-
-
-# The first steps of each process compile kernels (fused CBAM, trainer.compile) and fill the allocator;
-# they count in train_s/wall_s but not in train_img_per_s, which is the steady-state rate.
-WARMUP_STEPS = 3
 
 
 def seed_everything(seed: int) -> None:
@@ -76,69 +104,423 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def total_grad_norm(parameters) -> torch.Tensor:
-    """The global L2 norm of the gradients, in one multi-tensor call (``torch.nn.utils.get_total_norm``
-    where this torch has it, 2.6 on; the same two foreach reductions before)."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if hasattr(torch.nn.utils, "get_total_norm"):
-        return torch.nn.utils.get_total_norm(grads, foreach=True)
-    if not grads:
-        return torch.tensor(0.0)
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
-
-
-def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor) -> None:
-    """Scale the gradients so that their global norm is at most ``max_norm`` (``torch.nn.utils.
-    clip_grads_with_norm_`` where this torch has it, 2.6 on)."""
-    if hasattr(torch.nn.utils, "clip_grads_with_norm_"):
-        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm)
-        return
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if grads:
-        torch._foreach_mul_(grads, (max_norm / (total_norm + 1e-6)).clamp(max=1.0))
-
-
 class NonFiniteError(UserError):
-    """The loss or the gradients became NaN or infinite."""
+    """The loss or the gradients stayed NaN or infinite for ``trainer.max_nonfinite_steps`` steps."""
 
 
 class Trainer:
     """One run. ``stop``: the run's ``StopRequest`` when the caller installed it before building the
-    trainer (``train.py``, so that a signal during data loading is handled too); else ``run`` installs one."""
+    trainer (``train.py``, so that a signal during data loading is handled too); else ``fit`` installs one."""
 
     def __init__(self, config: dict, run_dir: Path, stop: StopRequest | None = None, overrides: list[str] = ()):
         """``overrides``: the Hydra overrides that set this run apart (a single run's command line, a sweep
         job's swept values), shown in TensorBoard's HParams tab."""
         validate(config)
-        self.config, self.run_dir, self.overrides = config, Path(run_dir), list(overrides)
+        self.config, self.overrides = config, list(overrides)
         self.t, self.d = config["trainer"], config["data"]
         self.stop = stop or StopRequest(self.t["stop_grace_s"])
         self.device = resolve_device(self.t["device"])
         self.rank, self.world_size = dist.init_from_env(self.device)
         self.main = self.rank == 0
-        self.run_dir = Path(dist.broadcast_object(str(self.run_dir)))  # rank 0's folder is the run's
-        if not self.main and Path(run_dir) != self.run_dir:
-            _remove_if_empty(Path(run_dir))
+        self._setup_run_dir(Path(run_dir))
+        if self.t["deterministic"]:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        set_cudnn_benchmark(self.device, not self.t["deterministic"])
+        set_tf32(self.device, self.t["tf32"])
+        seed_everything(config["seed"])
+        self.amp_dtype = amp_dtype(self.t["amp"], self.device)
+        self._setup_data()
+        self._setup_model()
+        self._setup_optimization()
+
+        # Where the next step starts, and what has been measured so far (a checkpoint restores both).
+        self.epoch, self.next_batch, self.global_step = 0, 0, 0
+        self.best_top1, self.best_epoch, self.history = -1.0, -1, []
+        self.clock, self.wall_before = Clock(WARMUP_STEPS), 0.0
+        self.meter = Meter(self.device)
+        if self.resume_path is not None:
+            self._load(self.resume_path)
+        self.saved_step, self.last_checkpoint = self.global_step, self.resume_path  # the newest checkpoint
+        self.stop_interval = 1  # steps between the ranks' agreements on stopping (``_stop_agreed``)
+        self.logger = (
+            build_logger(config.get("logger", {}).get("name", "tensorboard"), self.run_dir) if self.main else None
+        )
+        if self.logger is not None:
+            self.logger.charts(CHARTS)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def fit(self) -> dict | None:
+        """Train to ``trainer.epochs``, evaluating, checkpointing and logging after each epoch; the results,
+        or None when a stop request (SIGTERM, SIGINT, SLURM's SIGUSR1/2) ended the run first."""
+        self.start_wall = time.time()
+        with self.stop:
+            try:
+                self._announce()
+                while self.epoch < self.t["epochs"]:
+                    if self._stop_agreed(every_step=True) or not self._train_epoch():
+                        return self._stopped()
+                    self._end_epoch(self.evaluate())
+                return self._finish()
+            except StopNow:  # the grace period ran out in the middle of work (compiling, evaluating, loading)
+                return self._stopped(overdue=True)
+            finally:
+                self.train_batches.close()  # the input's worker processes, shared by both splits
+                dist.cleanup()
+
+    def _train_epoch(self) -> bool:
+        """The epoch's steps from ``next_batch`` on; False if a stop request ended it early."""
+        self.model.train()
+        self.scheduler.step(self.epoch)
+        self.epoch_tic = time.perf_counter()
+        bar = self._progress_bar()
+        self.clock.resume()
+        for x, y in self.train_batches.batches(self.epoch, self.next_batch, self.steps_per_epoch):
+            self.train_step(x, y)
+            self.clock.step(x.shape[0] * self.world_size)
+            bar.update(1)
+            if self.global_step % self.t["log_every"] == 0 or self.next_batch == self.steps_per_epoch:
+                self._log_progress(bar)  # reads the device: the losses, accuracy and skipped steps
+            if self.t["ckpt_every_steps"] and self.global_step % self.t["ckpt_every_steps"] == 0:
+                self.clock.pause()
+                self._save(("last.pt",))
+                self.clock.resume()
+            if self.next_batch < self.steps_per_epoch and self._stop_agreed():
+                break
+        self.clock.pause()
+        bar.close()
+        self._check_nonfinite()
+        return self.next_batch == self.steps_per_epoch
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Forward, backward and the guarded update of one batch; advances ``global_step`` and ``next_batch``.
+        Nothing here waits for the device."""
+        self.scheduler.step_update(self.global_step)
+        self.update.before_forward()
+        loss, logits = self._forward_backward(x, y)
+        with self.stop.critical():  # the update and its bookkeeping: a late stop waits for them
+            skipped = self.update.step(loss)
+            self.meter.update(loss, logits, y, skip=skipped)
+            self.global_step += 1
+            self.next_batch += 1
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss and logits of one batch, gradients computed. A compiled model compiles in this process's
+        first step (announced and timed); one that fails to compile or run falls back to eager mode,
+        with one warning."""
+        first_compiled = self.compile_mode is not None and self.clock.steps == 0
+        if first_compiled and self.main:
+            log.info(
+                "torch.compile (mode %s): compiling the model in the first training step; with a cold "
+                "inductor cache this can take minutes",
+                self.compile_mode,
+            )
+        tic = time.perf_counter()
+        try:
+            result = self._forward_backward_with(self.train_model, x, y)
+        except UserError:
+            raise
+        except Exception as err:
+            if self.train_model is self.eager_model:
+                raise
+            self._compile_failed(err)
+            return self._forward_backward_with(self.train_model, x, y)
+        if first_compiled and self.main:
+            log.info("torch.compile: the first step, compilation included, took %.1f s", time.perf_counter() - tic)
+        return result
+
+    def _forward_backward_with(self, model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.compile_mode in ("reduce-overhead", "max-autotune"):  # CUDA graphs: a new step's outputs
+            torch.compiler.cudagraph_mark_step_begin()
+        with autocast(self.device, self.amp_dtype):
+            logits = model(self._inputs(x))
+            loss = self.criterion(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        return loss, logits
+
+    def evaluate(self) -> dict:
+        """The validation split's loss and top-1/top-5, summed over the ranks."""
+        self.eval_tic = time.perf_counter()
+        meter = evaluate(
+            self.model,
+            self.val_batches,
+            self.criterion,
+            self.device,
+            self.amp_dtype,
+            self.t["channels_last"],
+            self.t["limit_val_batches"],
+            self.t["eval_flip"],
+        )
+        return meter.summary(dist.all_reduce_sum(meter.sums))
+
+    def _end_epoch(self, val: dict) -> None:
+        """Record the epoch (history, best), checkpoint it, log it; a stop now waits for all of that."""
+        with self.stop.critical():
+            train = self.meter.summary(dist.all_reduce_sum(self.meter.sums))
+            self.epoch, self.next_batch, self.meter = self.epoch + 1, 0, Meter(self.device)
+            is_best = val["top1"] > self.best_top1
+            if is_best:
+                self.best_top1, self.best_epoch = val["top1"], self.epoch
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.history.append({"epoch": self.epoch, "train": train, "val": val, "lr": lr})
+            self._save(("last.pt", "best.pt") if is_best else ("last.pt",))
+            if self.main:
+                self._log_epoch(train, val, is_best)
+
+    def _finish(self) -> dict:
+        results = self._results(self.wall_before + time.time() - self.start_wall)
+        if self.main:
+            final = (results["top1"], results["top5"], self.params / 1e6, self.gmacs, results["train_img_per_s"])
+            write_hparams(self.logger, self.config, dict(zip(METRICS, final, strict=True)), self.overrides)
+            self.logger.close()
+            write_atomic(self.run_dir / "results.json", json.dumps(results, indent=2))
+            log.info(
+                "done: top-1 %.2f%%, top-5 %.2f%% (best top-1 %.2f%%); results in %s",
+                results["top1"],
+                results["top5"],
+                results["best_top1"],
+                self.run_dir,
+            )
+        return results
+
+    def _stopped(self, overdue: bool = False) -> None:
+        """The one way a stopped run ends: a checkpoint of what finished since the last one, one message.
+        ``overdue``: the stop interrupted work in progress, and the ranks may be anywhere (no collective:
+        rank 0's meters alone)."""
+        self.stop.settle()
+        if self.global_step > self.saved_step:
+            self._save(("last.pt",), collective=not overdue)
+        if self.main:
+            where = f"epoch {self.epoch + 1}, batch {self.next_batch}"
+            saved = self.last_checkpoint
+            state = (
+                f"checkpoint {saved}; continue with resume=auto (same hydra.run.dir) or resume={saved}"
+                if saved
+                else "nothing to save"
+            )
+            if overdue:
+                log.warning(
+                    "stopped in the middle of work at %s (it did not reach a step's end within %g s); %s",
+                    where,
+                    self.stop.grace_s,
+                    state,
+                )
+            else:
+                log.warning("stopped at %s; %s", where, state)
+        return None
+
+    # ---- what the loop asks ----------------------------------------------------------------------
+    def _stop_agreed(self, every_step: bool = False) -> bool:
+        """Whether the run stops here, the same answer on every rank: a stop request's flag alone in one
+        process; with several, an agreement over the CPU (``distributed.agree``) every ``stop_interval``
+        steps, which it sets anew from the measured step time (``every_step``: at this point regardless)."""
+        if self.world_size == 1:
+            return self.stop.requested
+        if not every_step and self.global_step % self.stop_interval:
+            return False
+        step_s = self.clock.step_s
+        proposal = max(1, min(1000, int(self.stop.grace_s / 4 / step_s))) if step_s > 0 else 1
+        stop, self.stop_interval = dist.agree(self.stop.requested, proposal)
+        return stop
+
+    def _check_nonfinite(self) -> None:
+        """Read the count of skipped steps (a synchronisation: logging steps and epoch ends only); stop with a
+        checkpoint of the last finite weights once ``trainer.max_nonfinite_steps`` in a row were skipped."""
+        skipped, in_a_row = self.update.counts()
+        if skipped > self.skipped_reported:
+            if self.main:
+                log.warning(
+                    "%d step(s) skipped: the loss or the gradients were not finite (%d in all, %d in a row "
+                    "up to step %d)",
+                    skipped - self.skipped_reported,
+                    skipped,
+                    in_a_row,
+                    self.global_step,
+                )
+            self.skipped_reported = skipped
+        if in_a_row < self.t["max_nonfinite_steps"]:
+            return
+        try:
+            saved = f"stopped with a checkpoint of the last finite weights, {self._save(('last.pt',))}"
+        except ckpt_io.NonFiniteWeights:
+            saved = "the weights are not finite either; no checkpoint written" + (
+                f" (the last good one: {self.last_checkpoint})" if self.last_checkpoint else ""
+            )
+        raise NonFiniteError(
+            f"the loss or the gradients were not finite in the last {in_a_row} steps (up to step {self.global_step},"
+            f" epoch {self.epoch + 1}, batch {self.next_batch}); their updates were skipped, and {saved}. Fix: "
+            "lower optim.lr, set trainer.grad_clip, or use trainer.amp=bf16."
+        )
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    def _save(self, names: tuple[str, ...], collective: bool = True) -> Path | None:
+        """Checkpoint under each of ``names`` (rank 0 writes; every rank calls this unless ``collective`` is
+        False, and then rank 0's meters alone are saved); returns the first file. Refuses non-finite weights."""
+        sums = dist.all_reduce_sum(self.meter.sums) if collective else self.meter.sums
+        if self.main:
+            self._write_checkpoint(names, sums)
+        self.saved_step, self.last_checkpoint = self.global_step, self.ckpt_dir / names[0]  # on every rank
+        return self.last_checkpoint
+
+    def _write_checkpoint(self, names: tuple[str, ...], meter_sums: torch.Tensor) -> None:
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "config": self.config,
+            "meter": meter_sums.cpu(),
+            "rng": ckpt_io.rng_state(),
+            "progress": {
+                "epoch": self.epoch,
+                "next_batch": self.next_batch,
+                "global_step": self.global_step,
+                "best_top1": self.best_top1,
+                "best_epoch": self.best_epoch,
+                "history": self.history,
+                "train_time": self.clock.train_s,
+                "train_images": self.clock.images,
+                "wall_s": self.wall_before + time.time() - self.start_wall,
+            },
+        }
+        with self.stop.critical():
+            ckpt_io.save_run(state, [self.ckpt_dir / name for name in names], step=self.global_step)
+
+    def _load(self, path: Path) -> None:
+        ckpt = ckpt_io.load(path)
+        ckpt_io.check_same_architecture(ckpt["config"], self.config, path)
+        self.model.load_state_dict(ckpt["model"])
+        ckpt_io.load_optimizer_state(self.optimizer, ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        p = ckpt["progress"]
+        self.epoch, self.next_batch, self.global_step = p["epoch"], p["next_batch"], p["global_step"]
+        self.best_top1, self.best_epoch, self.history = p["best_top1"], p["best_epoch"], p["history"]
+        self.clock, self.wall_before = Clock(WARMUP_STEPS, p["train_time"], p["train_images"]), p["wall_s"]
+        if self.main and ckpt.get("meter") is not None:  # the ranks' sums: counted once, on rank 0
+            self.meter = Meter(self.device, ckpt["meter"])
+        ckpt_io.set_rng_state(ckpt["rng"])
+        log.info(
+            "resumed from %s at epoch %d, batch %d (step %d)", path, self.epoch + 1, self.next_batch, self.global_step
+        )
+
+    # ---- logging ---------------------------------------------------------------------------------
+    def _announce(self) -> None:
+        if self.main and self.t["image_every"] and self.epoch == 0 and self.next_batch == 0:
+            log_attention(self.logger, self.model, self.fixed_images, 0)
+        if self.main:
+            log.info(
+                "%s: %s + %s on %s, %.3fM params, %.4f GMACs, %d steps/epoch, device %s x%d; %s",
+                self.config["name"],
+                self.config["model"]["arch"],
+                self.config["attention"]["name"],
+                self.d["name"],
+                self.params / 1e6,
+                self.gmacs,
+                self.steps_per_epoch,
+                self.device,
+                self.world_size,
+                ", ".join(f"{k} {v}" for k, v in self.settings().items()),
+            )
+
+    def _progress_bar(self) -> tqdm:
+        return tqdm(
+            total=self.steps_per_epoch,
+            initial=self.next_batch,
+            desc=f"epoch {self.epoch + 1}/{self.t['epochs']}",
+            disable=not (self.main and sys.stderr.isatty()),
+            dynamic_ncols=True,
+            leave=False,
+        )
+
+    def _log_progress(self, bar: tqdm) -> None:
+        """A logging step: the epoch's running loss and accuracy, lr, images/s and the ETA (rank 0), and the
+        count of skipped steps (every rank, for the same decision)."""
+        self._check_nonfinite()
+        img_per_s = self.clock.lap()
+        if not self.main:
+            return
+        s, lr = self.meter.summary(), self.optimizer.param_groups[0]["lr"]
+        self.logger.scalar("train/loss_running", s["loss"], self.global_step)  # the epoch's mean so far
+        if not bar.disable:
+            bar.set_postfix(loss=f"{s['loss']:.4f}", top1=f"{s['top1']:.2f}", img_s=f"{img_per_s:.0f}", lr=f"{lr:.3g}")
+            return
+        epoch_left = self.steps_per_epoch - self.next_batch
+        run_left = epoch_left + (self.t["epochs"] - self.epoch - 1) * self.steps_per_epoch  # training steps
+        eta = (
+            (
+                f"eta epoch {self.clock.eta(epoch_left, self.t['batch_size']):.0f}s, "
+                f"run {self.clock.eta(run_left, self.t['batch_size']):.0f}s"
+            )
+            if self.clock.img_per_s
+            else "eta -"
+        )
+        log.info(
+            "epoch %d/%d step %d/%d loss %.4f top-1 %.2f%% lr %.4g %s img/s %s",
+            self.epoch + 1,
+            self.t["epochs"],
+            self.next_batch,
+            self.steps_per_epoch,
+            s["loss"],
+            s["top1"],
+            lr,
+            f"{img_per_s:.0f}" if img_per_s else "-",
+            eta,
+        )
+
+    def _log_epoch(self, train: dict, val: dict, is_best: bool) -> None:
+        logger = self.logger
+        for split, s in (("train", train), ("val", val)):
+            for k in ("loss", "top1", "top5", "top1_err", "top5_err"):
+                logger.scalar(f"{split}/{k}", s[k], self.epoch)
+        logger.scalar("lr", self.optimizer.param_groups[0]["lr"], self.epoch)
+        logger.scalar("model/params_M", self.params / 1e6, self.epoch)  # series, so that the HParams tab can
+        logger.scalar("model/GMACs", self.gmacs, self.epoch)  # compare runs by them
+        logger.scalar("throughput/train_img_per_s", self.clock.img_per_s, self.epoch)
+        logger.scalar("time/train_s_total", self.clock.train_s, self.epoch)
+        if self.t["image_every"] and (self.epoch % self.t["image_every"] == 0 or self.epoch == self.t["epochs"]):
+            log_attention(logger, self.model, self.fixed_images, self.epoch)
+        logger.scalar("time/eval_s", time.perf_counter() - self.eval_tic, self.epoch)  # with the attention maps
+        logger.scalar("time/epoch_s", time.perf_counter() - self.epoch_tic, self.epoch)
+        logger.flush()
+        log.info(
+            "epoch %d/%d: train loss %.4f top-1 %.2f%% | val loss %.4f top-1 %.2f%% top-5 %.2f%%%s",
+            self.epoch,
+            self.t["epochs"],
+            train["loss"],
+            train["top1"],
+            val["loss"],
+            val["top1"],
+            val["top5"],
+            " (best)" if is_best else "",
+        )
+
+    # ---- setup -----------------------------------------------------------------------------------
+    def _setup_run_dir(self, run_dir: Path) -> None:
+        self.run_dir = Path(dist.broadcast_object(str(run_dir)))  # rank 0's folder is the run's
+        if not self.main and run_dir != self.run_dir:
+            _remove_if_empty(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         if self.t["batch_size"] % self.world_size:
             raise UserError(
                 f"trainer.batch_size={self.t['batch_size']} (the global batch) must be divisible by the "
                 f"{self.world_size} processes"
             )
-        self.resume_path = self._resume_path(config.get("resume"))
+        self.resume_path = self._resume_path(self.config.get("resume"))
         if self.main:
             self._check_writable()
-        if self.t["deterministic"]:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
-        set_cudnn_benchmark(self.device, not self.t["deterministic"])
-        seed_everything(config["seed"])
 
+    def _setup_data(self) -> None:
         eval_batch = self.t["eval_batch_size"] or self.t["batch_size"]
         self.train_batches, self.val_batches = build_batches(
-            self.d, self.t["batch_size"] // self.world_size, max(1, eval_batch // self.world_size), config["seed"],
-            self.device, self.rank, self.world_size,
-        )  # fmt: skip
+            self.d,
+            self.t["batch_size"] // self.world_size,
+            max(1, eval_batch // self.world_size),
+            self.config["seed"],
+            self.device,
+            self.rank,
+            self.world_size,
+            dtype=self.amp_dtype or torch.float32,
+        )
         self.steps_per_epoch = len(self.train_batches)
         if self.t["limit_train_batches"]:
             self.steps_per_epoch = min(self.steps_per_epoch, self.t["limit_train_batches"])
@@ -147,8 +529,11 @@ class Trainer:
                 f"trainer.batch_size={self.t['batch_size']} is larger than the training set "
                 f"({self.train_batches.num_samples} images): no full batch per epoch"
             )
+        # a fixed validation batch for TensorBoard's attention maps (float32, as the maps are computed)
+        self.fixed_images = self._inputs(next(iter(self.val_batches.batches(stop=1)))[0][:8].float())
 
-        self.model = build_model(config, pretrained=self.resume_path is None)
+    def _setup_model(self) -> None:
+        self.model = build_model(self.config, pretrained=self.resume_path is None)
         self.params = count_params(self.model)
         self.gmacs = count_gmacs(self.model, (self.d["in_chans"], self.d["image_size"], self.d["image_size"]))
         self.model.to(self.device)
@@ -156,18 +541,13 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         if self.world_size > 1 and self.t["sync_bn"]:
             self.model = dist.convert_sync_batchnorm(self.model, self.device)
-        self.optimizer = build_optimizer(self.model, config["optim"])
-        self.scheduler = build_scheduler(self.optimizer, config["sched"], self.t["epochs"], self.steps_per_epoch)
-        self.amp_dtype = amp_dtype(self.t["amp"], self.device)
-        set_tf32(self.device, self.t["tf32"])
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
-        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=self.t["label_smoothing"])
-
         self.eager_model = self.model
-        if self.world_size > 1:
+        distributed = torch.distributed.is_initialized()  # under torchrun, even as its only process
+        if distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.eager_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.compile_mode = compile_mode(self.t["compile"], self.t["compile_mode"], self.device, self.world_size)
+        # DDP first, then the compiler: dynamo's DDPOptimizer splits the graph at DDP's gradient buckets
+        self.compile_mode = compile_mode(self.t["compile"], self.t["compile_mode"], self.device, distributed)
         self.train_model = self.eager_model
         if self.compile_mode is not None:
             try:
@@ -175,23 +555,14 @@ class Trainer:
             except Exception as err:  # as a failure in the first step: eager mode, one warning
                 self._compile_failed(err)
 
-        # Progress: where the next step starts, and what has been measured so far.
-        self.epoch, self.next_batch, self.global_step = 0, 0, 0
-        self.best_top1, self.best_epoch, self.history = -1.0, -1, []
-        self.train_time, self.train_images, self.wall_before = 0.0, 0, 0.0
-        self.warmup_time, self.steps_this_run = 0.0, 0
-        self.meter_state, self.meter = None, None
-        if self.resume_path is not None:
-            self._load(self.resume_path)
-        self.saved_step = self.global_step  # the step of the newest checkpoint
-        self.last_checkpoint = self.resume_path  # the newest checkpoint's file
-        self.logger = (
-            build_logger(config.get("logger", {}).get("name", "tensorboard"), self.run_dir) if self.main else None
-        )
-        if self.logger is not None:
-            self.logger.charts(CHARTS)
+    def _setup_optimization(self) -> None:
+        self.optimizer = build_optimizer(self.model, self.config["optim"])
+        self.scheduler = build_scheduler(self.optimizer, self.config["sched"], self.t["epochs"], self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=self.t["label_smoothing"])
+        self.update = GuardedUpdate(self.model, self.optimizer, self.scaler, self.t["grad_clip"])
+        self.skipped_reported = 0
 
-    # ---- setup helpers -------------------------------------------------------------------------
     def _resume_path(self, resume: str | None) -> Path | None:
         last = self.ckpt_dir / "last.pt"
         if resume is None:
@@ -219,291 +590,18 @@ class Trainer:
                 "paths.log_dir or hydra.run.dir."
             ) from None
 
-    def _load(self, path: Path) -> None:
-        ckpt = ckpt_io.load(path)
-        ckpt_io.check_same_architecture(ckpt["config"], self.config, path)
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        p = ckpt["progress"]
-        self.epoch, self.next_batch, self.global_step = p["epoch"], p["next_batch"], p["global_step"]
-        self.best_top1, self.best_epoch, self.history = p["best_top1"], p["best_epoch"], p["history"]
-        self.train_time, self.train_images, self.wall_before = p["train_time"], p["train_images"], p["wall_s"]
-        self.meter_state = ckpt.get("meter") if self.main else None  # the ranks' sums: counted once, on rank 0
-        ckpt_io.set_rng_state(ckpt["rng"])
-        log.info(
-            "resumed from %s at epoch %d, batch %d (step %d)", path, self.epoch + 1, self.next_batch, self.global_step
+    def _compile_failed(self, err: Exception) -> None:
+        log.warning(
+            "torch.compile of the model failed (%s: %s); training continues in eager mode",
+            type(err).__name__,
+            str(err).splitlines()[0] if str(err) else "",
         )
+        self.train_model, self.compile_mode = self.eager_model, None
 
-    def _save(self, names: tuple[str, ...], meter: Meter | None, all_ranks: bool = True) -> Path | None:
-        """Checkpoint under each of ``names`` (written by rank 0); refuses non-finite weights. A mid-epoch
-        checkpoint holds the epoch's meters summed over the ranks (every rank calls this, unless
-        ``all_ranks`` is False: then rank 0's alone). Returns the first file's path."""
-        meter_sums = None
-        if meter is not None:
-            meter_sums = dist.all_reduce_sum(meter.sums) if all_ranks else meter.sums
-        if not self.main:
-            return None
-        for pname, p in self.model.named_parameters():
-            if not torch.isfinite(p).all():
-                raise NonFiniteError(
-                    f"parameter {pname} is not finite at step {self.global_step}; no checkpoint written"
-                )
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "config": self.config,
-            "progress": {
-                "epoch": self.epoch, "next_batch": self.next_batch, "global_step": self.global_step,
-                "best_top1": self.best_top1, "best_epoch": self.best_epoch, "history": self.history,
-                "train_time": self.train_time, "train_images": self.train_images,
-                "wall_s": self.wall_before + time.time() - self.start_wall,
-            },
-            "meter": meter_sums.cpu() if meter_sums is not None else None,
-            "rng": ckpt_io.rng_state(),
-        }  # fmt: skip
-        with self.stop.critical():
-            for name in names:
-                ckpt_io.save_atomic(state, self.ckpt_dir / name)
-        self.saved_step, self.last_checkpoint = self.global_step, self.ckpt_dir / names[0]
-        return self.last_checkpoint
-
-    # ---- the loop -----------------------------------------------------------------------------
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.t["channels_last"] else x
 
-    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss and logits of one batch, gradients computed; a compiled model that fails to compile or
-        run falls back to eager mode, with one warning."""
-        try:
-            return self._forward_backward_with(self.train_model, x, y)
-        except UserError:
-            raise
-        except Exception as err:
-            if self.train_model is self.eager_model:
-                raise
-            self._compile_failed(err)
-            return self._forward_backward_with(self.train_model, x, y)
-
-    def _compile_failed(self, err: Exception) -> None:
-        log.warning("torch.compile of the model failed (%s: %s); training continues in eager mode",
-                    type(err).__name__, str(err).splitlines()[0] if str(err) else "")  # fmt: skip
-        self.train_model, self.compile_mode = self.eager_model, None
-
-    def _forward_backward_with(self, model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.compile_mode in ("reduce-overhead", "max-autotune"):  # CUDA graphs: a new step's outputs
-            torch.compiler.cudagraph_mark_step_begin()
-        with autocast(self.device, self.amp_dtype):
-            logits = model(self._inputs(x))
-            loss = self.criterion(logits, y)
-        # Every rank must agree to stop, or the others would wait forever in the next all-reduce.
-        if dist.broadcast_flag(not math.isfinite(loss.item()), self.device):
-            raise NonFiniteError(self._nonfinite_message("loss"))
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        return loss, logits
-
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, meter: Meter) -> None:
-        self.scheduler.step_update(self.global_step)
-        loss, logits = self._forward_backward(x, y)
-        self.scaler.unscale_(self.optimizer)
-        # The global norm is needed anyway to catch non-finite gradients; the rescaling pass only with clipping.
-        norm = total_grad_norm(self.model.parameters())
-        if self.t["grad_clip"]:
-            clip_grads_with_norm_(self.model.parameters(), self.t["grad_clip"], norm)
-        if not self.scaler.is_enabled() and not math.isfinite(norm.item()):  # gradients are all-reduced
-            raise NonFiniteError(self._nonfinite_message("gradient norm"))
-        with self.stop.critical():  # the update and its bookkeeping: a late stop waits for them
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            meter.update(loss, logits, y)
-            self.global_step += 1
-            self.next_batch += 1
-
-    def _nonfinite_message(self, what: str) -> str:
-        last = self.ckpt_dir / "last.pt"
-        where = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-        return (
-            f"the {what} is not finite at step {self.global_step} (epoch {self.epoch + 1}, batch {self.next_batch}); "
-            f"stopping without saving. {where}. Fix: lower optim.lr, set trainer.grad_clip, or use trainer.amp=bf16."
-        )
-
-    def evaluate(self) -> dict:
-        meter = evaluate(self.model, self.val_batches, self.criterion, self.device, self.amp_dtype,
-                         self.t["channels_last"], self.t["limit_val_batches"])  # fmt: skip
-        return meter.summary(dist.all_reduce_sum(meter.sums))
-
-    def run(self) -> dict | None:
-        """Train to ``trainer.epochs``; returns the results, or None when stopped by a signal."""
-        self.start_wall = time.time()
-        with self.stop:
-            try:
-                return self._run()
-            except StopNow:
-                self._stop_overdue()
-                return None
-
-    def _stop_overdue(self) -> None:
-        """The run did not reach a step's end within the stop's grace period: checkpoint what finished
-        (the BatchNorm statistics of an interrupted training forward included)."""
-        self.stop.settle()
-        if self.global_step > self.saved_step:
-            # the ranks may be anywhere now: no collective, rank 0's meters alone
-            self._save(("last.pt",), self.meter, all_ranks=False)
-        if self.main:
-            log.warning("stopped in the middle of work (the step did not end within %g s); %s", self.stop.grace_s,
-                        self._saved_state())  # fmt: skip
-        dist.cleanup()
-
-    def _saved_state(self) -> str:
-        """Where a stopped run's state is, for its last log line."""
-        saved = self.last_checkpoint
-        return f"checkpoint {saved}; continue with resume={saved}" if saved else "nothing to save"
-
-    def _run(self) -> dict | None:
-        fixed_images = next(self.val_batches.batches())[0][:8]
-        if self.main and self.t["image_every"] and self.epoch == 0 and self.next_batch == 0:
-            log_attention(self.logger, self.model, self._inputs(fixed_images), 0)
-        log.info(
-            "%s: %s + %s on %s, %.3fM params, %.4f GMACs, %d steps/epoch, device %s x%d; %s",
-            self.config["name"], self.config["model"]["arch"], self.config["attention"]["name"], self.d["name"],
-            self.params / 1e6, self.gmacs, self.steps_per_epoch, self.device, self.world_size,
-            ", ".join(f"{k} {v}" for k, v in self.settings().items()),
-        )  # fmt: skip
-        while self.epoch < self.t["epochs"]:
-            if dist.broadcast_flag(self.stop.requested, self.device):  # arrived during evaluation or start-up
-                if self.main:
-                    where = self._saved_state()
-                    log.warning("stopped at epoch %d, batch %d; %s", self.epoch + 1, self.next_batch, where)
-                dist.cleanup()
-                return None
-            if not self._train_epoch():
-                return None
-            self._end_epoch(fixed_images)
-        results = self._results(self.wall_before + time.time() - self.start_wall)
-        if self.main:
-            final = (results["top1"], results["top5"], self.params / 1e6, self.gmacs, results["train_img_per_s"])
-            write_hparams(self.logger, self.config, dict(zip(METRICS, final, strict=True)), self.overrides)
-            self.logger.close()
-            _write_json(results, self.run_dir / "results.json")
-            log.info("done: top-1 %.2f%%, top-5 %.2f%% (best top-1 %.2f%%); results in %s",
-                     results["top1"], results["top5"], results["best_top1"], self.run_dir)  # fmt: skip
-        dist.cleanup()
-        return results
-
-    def _train_epoch(self) -> bool:
-        """One epoch from ``next_batch`` on; False if a stop was requested (checkpoint written)."""
-        self.model.train()
-        self.epoch_tic = time.perf_counter()
-        self.scheduler.step(self.epoch)
-        meter = self.meter = Meter(self.device, self.meter_state)
-        self.meter_state = None
-        bar = tqdm(
-            total=self.steps_per_epoch, initial=self.next_batch, desc=f"epoch {self.epoch + 1}/{self.t['epochs']}",
-            disable=not (self.main and sys.stderr.isatty()), dynamic_ncols=True, leave=False,
-        )  # fmt: skip
-        tic, images = time.perf_counter(), 0
-        for x, y in self.train_batches.batches(self.epoch, self.next_batch):
-            if self.next_batch >= self.steps_per_epoch:
-                break
-            if self.steps_this_run == 0 and self.compile_mode is not None:
-                self._first_compiled_step(x, y, meter)
-            else:
-                self.train_step(x, y, meter)  # advances global_step and next_batch
-            images += x.shape[0] * self.world_size
-            self.steps_this_run += 1
-            if self.steps_this_run == WARMUP_STEPS:  # leave the warm-up out of the throughput
-                self.warmup_time += time.perf_counter() - tic
-                tic, images = time.perf_counter(), 0
-            if self.global_step % self.t["log_every"] == 0 or self.next_batch == self.steps_per_epoch:
-                self._log_progress(meter, bar, images / (time.perf_counter() - tic))
-            bar.update(1)
-            if self.t["ckpt_every_steps"] and self.global_step % self.t["ckpt_every_steps"] == 0:
-                self._account(tic, images)
-                tic, images = time.perf_counter(), 0
-                self._save(("last.pt",), meter)
-            if dist.broadcast_flag(self.stop.requested, self.device) and self.next_batch < self.steps_per_epoch:
-                bar.close()
-                self._account(tic, images)
-                path = self._save(("last.pt",), meter)
-                if self.main:
-                    log.warning("stopped at epoch %d, batch %d; checkpoint %s. Continue with resume=auto (same "
-                                "hydra.run.dir) or resume=%s", self.epoch + 1, self.next_batch, path, path)  # fmt: skip
-                dist.cleanup()
-                return False
-        bar.close()
-        self._account(tic, images)
-        self.train_summary = meter.summary(dist.all_reduce_sum(meter.sums))
-        return True
-
-    def _first_compiled_step(self, x: torch.Tensor, y: torch.Tensor, meter: Meter) -> None:
-        """``train_step``, announced: under ``torch.compile`` the model compiles in this process's first
-        step, which takes minutes for a large model on a cold cache (inductor keeps its graphs on disk)."""
-        if self.main:
-            log.info("torch.compile (mode %s): compiling the model in the first training step; with a cold "
-                     "inductor cache this can take minutes", self.compile_mode)  # fmt: skip
-        tic = time.perf_counter()
-        self.train_step(x, y, meter)
-        if self.main and self.compile_mode is not None:  # None: compilation failed, eager mode (warned)
-            log.info("torch.compile: the first step, compilation included, took %.1f s", time.perf_counter() - tic)
-
-    def _account(self, tic: float, images: int) -> None:
-        self.train_time += time.perf_counter() - tic
-        self.train_images += images
-
-    def _log_progress(self, meter: Meter, bar: tqdm, img_per_s: float) -> None:
-        if not self.main:
-            return
-        s = meter.summary()
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.logger.scalar("train/loss_running", s["loss"], self.global_step)  # epoch mean so far
-        if bar.disable:
-            step_s = self.t["batch_size"] / max(img_per_s, 1e-9)
-            epoch_left = self.steps_per_epoch - self.next_batch
-            run_left = epoch_left + (self.t["epochs"] - self.epoch - 1) * self.steps_per_epoch  # training steps
-            log.info("epoch %d/%d step %d/%d loss %.4f top-1 %.2f%% lr %.4g %.0f img/s eta epoch %.0fs, run %.0fs",
-                     self.epoch + 1, self.t["epochs"], self.next_batch, self.steps_per_epoch, s["loss"], s["top1"],
-                     lr, img_per_s, epoch_left * step_s, run_left * step_s)  # fmt: skip
-        else:
-            bar.set_postfix(loss=f"{s['loss']:.4f}", top1=f"{s['top1']:.2f}", img_s=f"{img_per_s:.0f}", lr=f"{lr:.3g}")
-
-    def _end_epoch(self, fixed_images: torch.Tensor) -> None:
-        eval_tic = time.perf_counter()
-        val = self.evaluate()
-        with self.stop.critical():
-            self._record_epoch(val, fixed_images, eval_tic)
-
-    def _record_epoch(self, val: dict, fixed_images: torch.Tensor, eval_tic: float) -> None:
-        train = self.train_summary
-        self.epoch, self.next_batch = self.epoch + 1, 0
-        is_best = val["top1"] > self.best_top1
-        if is_best:
-            self.best_top1, self.best_epoch = val["top1"], self.epoch
-        self.history.append({"epoch": self.epoch, "train": train, "val": val,
-                             "lr": self.optimizer.param_groups[0]["lr"]})  # fmt: skip
-        self._save(("last.pt", "best.pt") if is_best else ("last.pt",), None)
-        self.meter = None
-        if not self.main:
-            return
-        logger = self.logger
-        for split, s in (("train", train), ("val", val)):
-            for k in ("loss", "top1", "top5", "top1_err", "top5_err"):
-                logger.scalar(f"{split}/{k}", s[k], self.epoch)
-        logger.scalar("lr", self.optimizer.param_groups[0]["lr"], self.epoch)
-        logger.scalar("model/params_M", self.params / 1e6, self.epoch)  # series, so that the HParams tab can
-        logger.scalar("model/GMACs", self.gmacs, self.epoch)  # compare runs by them
-        logger.scalar("throughput/train_img_per_s", self.train_images / max(self.train_time, 1e-9), self.epoch)
-        logger.scalar("time/train_s_total", self.train_time, self.epoch)
-        if self.t["image_every"] and (self.epoch % self.t["image_every"] == 0 or self.epoch == self.t["epochs"]):
-            log_attention(logger, self.model, self._inputs(fixed_images), self.epoch)
-        logger.scalar("time/eval_s", time.perf_counter() - eval_tic, self.epoch)
-        logger.scalar("time/epoch_s", time.perf_counter() - self.epoch_tic, self.epoch)
-        logger.flush()
-        log.info("epoch %d/%d: train loss %.4f top-1 %.2f%% | val loss %.4f top-1 %.2f%% top-5 %.2f%%%s",
-                 self.epoch, self.t["epochs"], train["loss"], train["top1"], val["loss"], val["top1"], val["top5"],
-                 " (best)" if is_best else "")  # fmt: skip
-
+    # ---- what the run reports --------------------------------------------------------------------
     def settings(self) -> dict:
         """What the ``auto`` settings resolved to on this device (and any fallback since)."""
         impls = {m.impl for m in self.model.modules() if isinstance(m, AttentionModule)}
@@ -518,14 +616,27 @@ class Trainer:
     def _results(self, wall_s: float) -> dict:
         final = self.history[-1]["val"]
         return {
-            "status": "finished", "settings": self.settings(),
-            "top1": final["top1"], "top5": final["top5"], "top1_err": final["top1_err"], "top5_err": final["top5_err"],
-            "val_loss": final["loss"], "best_top1": self.best_top1, "best_epoch": self.best_epoch,
-            "params": self.params, "gmacs": self.gmacs, "epochs": self.epoch, "steps": self.global_step,
-            "wall_s": wall_s, "train_s": self.train_time + self.warmup_time, "warmup_s": self.warmup_time,
-            "train_img_per_s": self.train_images / max(self.train_time, 1e-9),
-            "history": self.history, "config": self.config,
-        }  # fmt: skip
+            "status": "finished",
+            "settings": self.settings(),
+            "top1": final["top1"],
+            "top5": final["top5"],
+            "top1_err": final["top1_err"],
+            "top5_err": final["top5_err"],
+            "val_loss": final["loss"],
+            "best_top1": self.best_top1,
+            "best_epoch": self.best_epoch,
+            "params": self.params,
+            "gmacs": self.gmacs,
+            "epochs": self.epoch,
+            "steps": self.global_step,
+            "wall_s": wall_s,
+            "train_s": self.clock.train_s + self.clock.warmup_s,
+            "warmup_s": self.clock.warmup_s,
+            "train_img_per_s": self.clock.img_per_s,
+            "skipped_steps": self.update.counts()[0],
+            "history": self.history,
+            "config": self.config,
+        }
 
 
 def _remove_if_empty(path: Path) -> None:
@@ -533,9 +644,3 @@ def _remove_if_empty(path: Path) -> None:
         path.rmdir()
     except OSError:
         pass
-
-
-def _write_json(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)

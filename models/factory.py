@@ -7,6 +7,7 @@ from functools import partial
 
 from torch import nn
 
+from .blurpool import add_blurpool
 from .mobilenet import MobileNetV1
 from .pretrained import load_pretrained
 from .resnet import BasicBlock, Bottleneck, ResNet
@@ -29,7 +30,12 @@ ARCHS = tuple(_ARCHS)
 
 
 def create_model(
-    arch: str, num_classes: int = 1000, attention="none", pretrained: str | None = None, **kwargs
+    arch: str,
+    num_classes: int = 1000,
+    attention="none",
+    pretrained: str | None = None,
+    blurpool: bool = False,
+    **kwargs,
 ) -> nn.Module:
     """Build backbone ``arch`` with ``attention`` (a preset name, a mapping of fields or a spec)
     in every block.
@@ -37,9 +43,12 @@ def create_model(
     Keyword options: ``in_chans``, ``stem`` ("imagenet" | "cifar"), ``width`` (multiplier),
     ``stride_in_1x1`` (ResNet v1 when True, v1.5 when False), ``zero_init_residual``, ``drop_rate``.
     ``pretrained``: "torchvision", "timm" (their ImageNet weights of the backbone) or a checkpoint path
-    (this project's, or the CBAM authors' released one); see ``models.pretrained``.
+    (this project's, or the CBAM authors' released one); see ``models.pretrained``. ``blurpool``: a blur
+    before each strided conv (``models.blurpool``, FFCV's recipe); the weights' names are unchanged.
     """
     if arch not in _ARCHS:
         raise ValueError(f"unknown model {arch!r}; valid models: {', '.join(ARCHS)}")
     model = _ARCHS[arch](num_classes=num_classes, attention=attention, **kwargs)
+    if blurpool:
+        add_blurpool(model)
     return model if pretrained is None else load_pretrained(model, arch, pretrained)

@@ -1,5 +1,6 @@
 """Shared test helpers: run the real entry points, write data sets in their real on-disk formats."""
 
+import io
 import json
 import os
 import pickle
@@ -28,6 +29,41 @@ def run(script: str, *overrides: str, check: bool = True, timeout: int = 600) ->
     return proc
 
 
+def load_script(name: str):
+    """``scripts/<name>.py`` as a module, to call its ``main`` in this process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def compose(*overrides: str, run_dir: Path | str = "unused") -> dict:
+    """The plain config that ``train.py`` would build from ``overrides`` (Hydra's compose API)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import open_dict
+
+    from engine.config import register_configs, to_container
+
+    register_configs()
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        cfg = hydra_compose("train", overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run_dir)
+    return to_container(cfg)
+
+
+def train_here(run_dir: Path, *overrides: str, stop=None) -> dict | None:
+    """``train.py``'s run in this process (no interpreter start, no imports): the same trainer on the same
+    config, writing the same files into ``run_dir``; returns the results (None if stopped). For tests
+    whose subject is not the process itself (signals, exit codes, torchrun: those run ``train``)."""
+    from engine.trainer import Trainer
+
+    return Trainer(compose(*overrides, run_dir=run_dir), run_dir, stop, list(overrides)).fit()
+
+
 def torchrun(run_dir, *overrides):
     """``train.py`` in two processes under ``torchrun`` (gloo on the CPU)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
@@ -42,18 +78,24 @@ def train(run_dir: Path, *overrides: str, **kwargs) -> subprocess.CompletedProce
     return run("train.py", f"hydra.run.dir={run_dir}", *overrides, **kwargs)
 
 
-def sigterm_after_output(cmd: list[str], marker: str, env: dict | None = None, timeout: float = 120):
+def sigterm_after_output(cmd: list[str], marker: str, env: dict | None = None, timeout: float = 120,
+                         group: bool = False):  # fmt: skip
     """Start ``cmd``, send SIGTERM as soon as a line of its output contains ``marker``; (output, exit
-    status, seconds from the signal to the exit)."""
+    status, seconds from the signal to the exit). ``group``: to every process the command started (its
+    own process group), as SLURM signals a job's processes."""
     env = dict(os.environ, PYTHONUNBUFFERED="1") if env is None else env
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=group)  # fmt: skip
     lines, deadline = [], time.time() + timeout
     while not any(marker in line for line in lines):
         line = proc.stdout.readline()
         assert (line or proc.poll() is None) and time.time() < deadline, "".join(lines)
         lines.append(line)
     sent = time.time()
-    proc.send_signal(signal.SIGTERM)
+    if group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     return "".join(lines) + out, proc.returncode, time.time() - sent
 
@@ -93,6 +135,35 @@ def write_cifar(root: Path, kind: str = "cifar10", per_batch: int = 20, seed: in
     return written
 
 
+def jpeg(image: Image.Image, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=options.pop("format", "JPEG"), **options)
+    return buffer.getvalue()
+
+
+def write_odd_images(folder: Path, rng: np.random.Generator) -> dict[str, Image.Image]:
+    """The kinds of file real ImageNet holds besides RGB JPEGs, each from a smooth random picture: a
+    greyscale JPEG, a CMYK JPEG, a progressive JPEG and a PNG named ``.JPEG``; returns name -> the PIL
+    image as written (before encoding)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    base = smooth_picture(rng, 52, 70)
+    images = {
+        "grey.JPEG": (base.convert("L"), {"quality": 90}),
+        "cmyk.JPEG": (base.convert("CMYK"), {"quality": 90}),
+        "progressive.JPEG": (base, {"quality": 90, "progressive": True}),
+        "png_named.JPEG": (base, {"format": "PNG"}),
+    }
+    for name, (image, options) in images.items():
+        (folder / name).write_bytes(jpeg(image, **options))
+    return {name: image for name, (image, _) in images.items()}
+
+
+def smooth_picture(rng: np.random.Generator, height: int, width: int) -> Image.Image:
+    """A picture with smooth structure (upsampled noise) that JPEG compresses as it does photographs."""
+    coarse = Image.fromarray(rng.integers(0, 256, (height // 6 + 2, width // 6 + 2, 3), dtype=np.uint8))
+    return coarse.resize((width, height), Image.BICUBIC)
+
+
 def write_image_folder(root: Path, classes: int = 2, per_class: int = 6, size: int = 40) -> None:
     """train/<class>/*.JPEG and val/<class>/*.JPEG: each class a different colour, plus noise."""
     rng = np.random.default_rng(0)
@@ -104,6 +175,20 @@ def write_image_folder(root: Path, classes: int = 2, per_class: int = 6, size: i
                 base = np.zeros((size, size + 8, 3)) + (255 * (c + 1) / (classes + 1))
                 img = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
                 Image.fromarray(img).save(folder / f"img_{i}.JPEG", quality=90)
+
+
+def final_checkpoint(run_dir: Path) -> dict:
+    from engine import checkpoint as ckpt_io
+
+    return ckpt_io.load(Path(run_dir) / "checkpoints" / "last.pt")
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Everything in the final checkpoint (weights, optimizer, scaler, meters, RNG states, progress but its
+    durations) and the metrics equal the uninterrupted run's."""
+    assert_equal_tree(final_checkpoint(a), final_checkpoint(b))
+    ra, rb = results(a), results(b)
+    assert ra["history"] == rb["history"] and ra["top1"] == rb["top1"]
 
 
 # The only checkpoint entries that may differ between two runs of the same training: durations and the images

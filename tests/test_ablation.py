@@ -67,7 +67,7 @@ def test_ablation_table_on_a_real_multirun(tmp_path):
     assert {h.name for h in experiment.hparam_infos if h.differs} == {"attention", "seed"}
     failed = tmp_path / "failed"
     proc = run("train.py", "experiment=smoke", "model.width=0.25", "attention=se", "optim.lr=1e30",
-               "optim.momentum=0", f"hydra.run.dir={failed}", check=False)  # fmt: skip
+               "optim.momentum=0", "trainer.max_nonfinite_steps=2", f"hydra.run.dir={failed}", check=False)  # fmt: skip
     assert proc.returncode == 2
     out = tmp_path / "report"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "ablation_table.py"), str(sweep), str(failed),
@@ -98,8 +98,9 @@ def test_failing_jobs_do_not_stop_a_sweep(tmp_path):
     """Job 0 is refused (bad input), job 1 diverges (non-finite loss), job 2 trains: all three run, each
     folder says how it ended, the end of the sweep lists the failures, the command exits 1."""
     sweep = tmp_path / "sweep"
+    # 4 steps: enough for lr 1e30 to diverge, and its updates to be skipped twice in a row
     tiny = ["data.train_size=32", "data.val_size=8", "trainer.batch_size=8", "trainer.epochs=1",
-            "trainer.image_every=0", "optim.momentum=0"]  # 4 steps: enough for lr 1e30 to diverge  # fmt: skip
+            "trainer.image_every=0", "optim.momentum=0", "trainer.max_nonfinite_steps=2"]  # fmt: skip
     proc = run("train.py", "-m", "experiment=smoke", *tiny, "model.width=-1,0.25", "optim.lr=0.1,1e30",
                f"hydra.sweep.dir={sweep}", check=False)  # fmt: skip
     text = proc.stdout + proc.stderr

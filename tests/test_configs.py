@@ -165,7 +165,7 @@ def test_a_new_preset_backbone_data_set_and_logger_each_need_one_registry_entry(
                                "trainer.device=cpu")  # fmt: skip
         config["data"]["name"], config["logger"]["name"] = "test_set", "test_logger"
         config["model"]["arch"], config["attention"] = "resnet10_test", dataclasses.asdict(gate)
-        results = Trainer(config, tmp_path).run()
+        results = Trainer(config, tmp_path).fit()
     finally:
         loggers.LOGGERS.pop("test_logger")
     assert ("val/top1", 1) in written and ("hparams", results["top1"]) in written

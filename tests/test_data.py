@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from engine.data import TensorBatches, _generator, random_crop_flip, synthetic
+from engine.data import TensorBatches, generator, random_crop_flip, synthetic
 
 
 def batches(world_size=1, rank=0, train=True, augment=True, batch_size=8):
@@ -38,8 +38,8 @@ def test_order_depends_on_seed_and_epoch_and_resumes_at_any_batch():
 
 def test_random_crop_flip_against_a_per_image_loop():
     x = torch.randn(6, 2, 5, 7)
-    out = random_crop_flip(x, 2, _generator(1, 2, 3))
-    gen = _generator(1, 2, 3)  # the same draws, in the same order: flips, then row and column offsets
+    out = random_crop_flip(x, 2, generator(1, 2, 3))
+    gen = generator(1, 2, 3)  # the same draws, in the same order: flips, then row and column offsets
     flip = torch.rand(6, generator=gen) < 0.5
     dy, dx = torch.randint(0, 5, (6,), generator=gen), torch.randint(0, 5, (6,), generator=gen)
     for i in range(6):

@@ -20,7 +20,8 @@ def test_auto_amp_is_float32_on_the_cpu():
 def test_compile_choice():
     assert compile_mode(None, "auto", CPU) is None  # the CPU trains eagerly (fused attention) by default
     assert compile_mode(None, "auto", CUDA) == AUTO_COMPILE_MODE["cuda"] == "reduce-overhead"
-    assert compile_mode(None, "auto", CUDA, processes=2) is None  # not measured with several processes
+    assert compile_mode(None, "auto", CUDA, distributed=True) == "default"  # no CUDA graphs under DDP until measured
+    assert compile_mode(None, "auto", CPU, distributed=True) is None
     assert compile_mode(None, "default", CUDA) == "default"
     assert compile_mode(False, "auto", CUDA) is None
     assert compile_mode(True, "auto", CPU) == "default"

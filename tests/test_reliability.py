@@ -1,6 +1,7 @@
 """Long-run reliability: killed and resumed runs end bit-identical, checkpoints never corrupt,
 bad input is refused before any work, torchrun matches a single process."""
 
+import json
 import os
 import random
 import shutil
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from engine import checkpoint as ckpt_io
-from helpers import ROOT, TINY, assert_equal_tree, results, sigterm_after_output, torchrun, train
+from helpers import ROOT, TINY, assert_same_run, results, sigterm_after_output, torchrun, train
 
 # 4 epochs x 8 steps on synthetic data, a checkpoint every 3 steps.
 EXACT = ["experiment=smoke", *TINY, "trainer.epochs=4", "trainer.ckpt_every_steps=3", "trainer.image_every=0"]
@@ -29,15 +30,6 @@ def _refused(proc, *phrases):
 
 def final_weights(run_dir):
     return ckpt_io.load(run_dir / "checkpoints" / "last.pt")["model"]
-
-
-def assert_same_run(a, b):
-    """Everything in the final checkpoint (weights, optimizer, scaler, meters, RNG states, progress but its
-    durations) and the metrics equal the uninterrupted run's."""
-    ca, cb = (ckpt_io.load(run / "checkpoints" / "last.pt") for run in (a, b))
-    assert_equal_tree(ca, cb)
-    ra, rb = results(a), results(b)
-    assert ra["history"] == rb["history"] and ra["top1"] == rb["top1"]
 
 
 def test_checkpoints_follow_the_umask(reference_run, tmp_path):
@@ -143,12 +135,15 @@ def test_full_tmpfs_during_save_keeps_previous_checkpoint(reference_run, tmp_pat
         subprocess.run(["umount", str(mnt)])
 
 
-def test_nonfinite_loss_stops_with_step_and_no_checkpoint(tmp_path):
-    proc = train(tmp_path, *EXACT, "optim.lr=1e30", "optim.momentum=0", check=False)
-    _refused(proc, "is not finite at step", "stopping without saving")
-    last = tmp_path / "checkpoints" / "last.pt"
-    if last.exists():  # any checkpoint written before the blow-up holds finite weights
-        assert all(torch.isfinite(v).all() for v in ckpt_io.load(last)["model"].values() if v.is_floating_point())
+def test_a_diverging_run_stops_with_exit_2_and_a_checkpoint_of_finite_weights(tmp_path):
+    """lr 1e30: after the first update every step's loss is not finite and is skipped; the run stops once
+    trainer.max_nonfinite_steps (3) in a row were, read on the next logging step."""
+    proc = train(tmp_path, *EXACT, "optim.lr=1e30", "optim.momentum=0", "trainer.max_nonfinite_steps=3", check=False)
+    _refused(proc, "were not finite in the last", "their updates were skipped", "checkpoint of the last finite weights")
+    assert json.loads((tmp_path / "status.json").read_text())["kind"] == "non-finite"
+    ckpt = ckpt_io.load(tmp_path / "checkpoints" / "last.pt")
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert ckpt["progress"]["global_step"] == 5  # the first logging step (every 5th) after 3 skipped in a row
 
 
 def test_deterministic_runs_are_identical(tmp_path):

@@ -116,3 +116,36 @@ def test_preemption_requeues_and_the_requeued_job_ends_like_an_uninterrupted_one
     assert a["history"] == b["history"]
     ca, cb = (ckpt_io.load(tmp_path / d / "checkpoints" / "last.pt") for d in ("uninterrupted", "preempted"))
     assert_equal_tree(ca, cb)
+
+
+@pytest.mark.slow
+def test_compiled_ddp_trains_as_eager_ddp_and_both_ranks_stop_together(tmp_path):
+    """trainer.compile=true with two processes (DDP wrapped, then compiled; gloo on the CPU): under torchrun
+    the same history as eager DDP to float precision; as two SLURM tasks, SIGTERM to both mid-epoch ends
+    both within the grace period, at the same step, with one checkpoint."""
+    common = ["experiment=smoke", *TINY, "trainer.batch_size=64", "trainer.image_every=0", "optim.lr=0.01",
+              "attention.impl=reference"]  # fmt: skip
+    torchrun(tmp_path / "eager", *common, "trainer.compile=false")
+    torchrun(tmp_path / "compiled", *common, "trainer.compile=true")
+    eager, compiled = results(tmp_path / "eager"), results(tmp_path / "compiled")
+    assert compiled["settings"]["compile"] == "default" and eager["settings"]["compile"] == "off"
+    for he, hc in zip(eager["history"], compiled["history"], strict=True):
+        for split in ("train", "val"):
+            assert hc[split]["loss"] == pytest.approx(he[split]["loss"], rel=1e-4)
+            assert hc[split]["top1"] == pytest.approx(he[split]["top1"], abs=100 / he[split]["samples"])
+
+    procs = slurm_tasks(tmp_path / "slurm", *common, "trainer.compile=true", "trainer.epochs=3", job_id=_job_id())
+    deadline = time.time() + 300
+    while "epoch 2/3 step 2/8" not in (line := procs[0].stdout.readline()):
+        assert (line or procs[0].poll() is None) and time.time() < deadline, "train.py ended early"
+    sent = time.time()
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    outs = wait_all(procs)
+    assert time.time() - sent < 10, outs[0]  # trainer.stop_grace_s
+    progress = ckpt_io.load(tmp_path / "slurm" / "checkpoints" / "last.pt")["progress"]
+    # the ranks agree every few steps (a quarter of the grace period) and at each epoch's start
+    where = (progress["epoch"] + 1, progress["next_batch"])
+    assert where[0] == 2 and 2 <= where[1] < 8 or where == (3, 0), progress
+    assert f"stopped at epoch {where[0]}, batch {where[1]}" in outs[0]
+    assert sorted(p.name for p in (tmp_path / "slurm" / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
