@@ -19,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
@@ -49,6 +50,7 @@ def main(argv=None) -> int:
     figures = {
         "overrides": args.overrides,
         "world_size": trainer.world_size,
+        "ddp": isinstance(trainer.eager_model, torch.nn.parallel.DistributedDataParallel),
         "steps_counted": counted["steps"],
         "syncs": len(counter.calls),
         "syncs_per_step": len(counter.calls) / max(counted["steps"], 1),

@@ -20,8 +20,16 @@ out of time loses only its own figures. On CUDA the default plan's limits (``LIM
    ResNet-50 on a cold cache takes minutes per variant, most of it in one thread; so first the
    compiled variants compile at the same time, one process each (``precompile``, their compile times
    reported), and the measuring process then finds their graphs in inductor's on-disk caches.
-4. ``cuda_tests`` (with ``--steps``): ``pytest -m cuda`` (the fused kernels compiled by Triton against
-   the reference; the fused path is opt-in on CUDA).
+4. ``ddp_step``: ``torchrun --nproc_per_node=1 scripts/count_syncs.py`` on the quickstart: a DDP run
+   with the defaults (compiled), its training images/s and the synchronisations per training step
+   between logging steps (torch's sync debug mode; the goal is zero).
+5. ``cuda_tests`` (with ``--steps``): ``pytest -m cuda`` (the fused kernels compiled by Triton against
+   the reference, the image input decoded on the device against the CPU's).
+6. ``input`` (with ``--steps``): ImageNet-like JPEGs written here, prepared as shards (longest side 256);
+   ``bench_data.py`` on them (per core, and the whole input with its workers onto the GPU, decoded by
+   the workers and by the GPU), then ResNet-50 bf16 training steps (batch 256, no attention, eager: the
+   fastest model, the hardest to feed) from the shards against the same model fed from in-memory
+   tensors; the ratio of their images/s says whether the input keeps up.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,13 +67,14 @@ TRAIN_STEP_VARIANTS = [
     "none", "cbam (reference)", "timm {arch}-cbam", "cbam (default)", "none (default)", "timm {arch}-cbam@default",
 ]  # fmt: skip
 QUICKSTART_RUNS = ("defaults",)  # more with --candidates ("eager reference", ...)
-STEPS = ("quickstart", "train_step", "cuda_tests")
-DEFAULT_STEPS = ("quickstart", "train_step")  # cuda_tests (the opt-in fused path's Triton kernels) with --steps
+STEPS = ("quickstart", "train_step", "ddp_step", "cuda_tests", "input")
+DEFAULT_STEPS = ("quickstart", "train_step", "ddp_step")  # cuda_tests and input with --steps
 # Seconds per step on CUDA (the CPU mode allows more: compilation on a small CPU is slower). The default plan's
-# add up to 350 s: "precompile" compiles train_step's compiled variants, each in its own process at the same time,
-# so that train_step's own first steps find their graphs in inductor's caches.
-LIMITS = {"quickstart": 75, "quickstart eager reference": 55, "precompile": 155, "train_step": 120,
-          "first_step": 60, "cuda_tests": 50}  # fmt: skip
+# add up to 360 s: "precompile" compiles train_step's compiled variants, each in its own process at the same time,
+# so that train_step's own first steps find their graphs in inductor's caches. "input" (opt-in) is the sum of its
+# parts' limits: 3 x 90 s (make, prepare, bench_data) and 3 x 60 s (training runs).
+LIMITS = {"quickstart": 60, "quickstart eager reference": 55, "precompile": 140, "train_step": 100,
+          "first_step": 50, "ddp_step": 60, "cuda_tests": 60}  # fmt: skip
 
 
 def run_steps(steps: dict[str, list[str]], limit: float, log_dir: Path, env: dict | None = None) -> dict[str, dict]:
@@ -141,6 +151,48 @@ def quickstart_overrides(cpu: bool, data_root: str | None) -> list[str]:
         return ["experiment=smoke", "model.width=0.25", "trainer.epochs=1", "trainer.limit_train_batches=4",
                 "trainer.limit_val_batches=1", "trainer.device=cpu"]  # fmt: skip
     return ["experiment=quickstart", *([f"data.root={data_root}"] if data_root else [])]
+
+
+def input_step(cpu: bool, out: Path, env: dict) -> dict:
+    """ImageNet-like JPEGs, their shards, bench_data.py, and training from the shards against in-memory
+    tensors (``input`` in the module's docstring)."""
+    py, tmp = sys.executable, Path(tempfile.mkdtemp())
+    images, distinct, batch, steps = (64, 16, 8, 4) if cpu else (4096, 512, 256, 40)
+    entry: dict = {}
+    make = [py, "scripts/make_image_folder.py", str(tmp / "jpegs"), "--classes", "8", "--train-per-class",
+            str(images // 8), "--val-per-class", "4", "--distinct", str(distinct)]  # fmt: skip
+    prepare = [py, "scripts/prepare_data.py", str(tmp / "jpegs"), str(tmp / "shards"), "--quiet"]
+    bench = [py, "scripts/bench_data.py", str(tmp / "jpegs"), "--rounds", "1", "--decode-on-device",
+             "--batch", "32", "--json", str(out / "bench_data.json")]  # fmt: skip
+    for name, cmd in (("make_image_folder", make), ("prepare_data", prepare), ("bench_data", bench)):
+        entry[name] = run_step(f"input {name}", cmd, 600 if cpu else 90, out, env)
+    if (out / "bench_data.json").exists():
+        entry["bench_data"].update(json.loads((out / "bench_data.json").read_text()))
+    model = ["model=resnet50", "attention=none", "trainer.compile=false", f"trainer.batch_size={batch}",
+             "trainer.epochs=1", f"trainer.limit_train_batches={steps}", "trainer.limit_val_batches=1",
+             "trainer.image_every=0", "trainer.log_every=1000", "data.num_classes=8"]  # fmt: skip
+    if cpu:
+        model += ["model.width=0.25", "data.image_size=64", "trainer.device=cpu"]
+    runs = {
+        "shards": ["data=imagenet", "data.format=shards", f"data.root={tmp / 'shards'}", "data.workers=2" if cpu else
+                   f"data.workers={max(1, (os.cpu_count() or 2) - 2)}"],
+        "in_memory": ["data=synthetic", f"data.train_size={images}", "data.val_size=32",
+                      "data.image_size=64" if cpu else "data.image_size=224", "data.mean=[0.5,0.5,0.5]"],
+    }  # fmt: skip
+    if not cpu:
+        runs["shards decoded on the GPU"] = [*runs["shards"], "data.decode=device"]
+    for name, overrides in runs.items():
+        run_dir = tmp / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+        cmd = [py, "train.py", *overrides, *model, f"hydra.run.dir={run_dir}"]
+        entry[name] = run_step(f"input {name}", cmd, 600 if cpu else 60, out, env)
+        if (run_dir / "results.json").exists():
+            entry[name]["train_img_per_s"] = json.loads((run_dir / "results.json").read_text())["train_img_per_s"]
+    if entry["in_memory"].get("train_img_per_s") and entry["shards"].get("train_img_per_s"):
+        entry["shards_vs_in_memory"] = round(
+            entry["shards"]["train_img_per_s"] / entry["in_memory"]["train_img_per_s"], 3
+        )
+    shutil.rmtree(tmp, ignore_errors=True)
+    return entry
 
 
 def main(argv=None) -> int:
@@ -227,15 +279,32 @@ def main(argv=None) -> int:
         report["train_step"]["precompile"] = {k.removeprefix("precompile "): v for k, v in precompile.items()}
         save()
 
+    if "ddp_step" in args.steps:
+        figures = out / "ddp_step.json"
+        steps = ["trainer.epochs=1", "trainer.limit_train_batches=8" if args.cpu else "trainer.limit_train_batches=60",
+                 "trainer.log_every=4" if args.cpu else "trainer.log_every=20", "trainer.image_every=0"]  # fmt: skip
+        cmd = [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "scripts/count_syncs.py",
+               "--json", str(figures), "--", *quickstart_overrides(args.cpu, args.data_root), *steps]  # fmt: skip
+        report["ddp_step"] = run_step("ddp_step", cmd, 300 if args.cpu else LIMITS["ddp_step"], out, env)
+        if figures.exists():
+            report["ddp_step"].update(json.loads(figures.read_text()))
+        save()
+
     if "cuda_tests" in args.steps and not args.cpu:
-        cmd = [py, "-m", "pytest", "-q", "-rs", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_fused.py"]
+        cmd = [py, "-m", "pytest", "-q", "-rs", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_fused.py",
+               "tests/test_image_data.py"]  # fmt: skip
         report["cuda_tests"] = run_step("cuda_tests", cmd, LIMITS["cuda_tests"], out, env)
+        save()
+
+    if "input" in args.steps:
+        report["input"] = input_step(args.cpu, out, env)
         save()
 
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     save()
     failed = [k for k, v in report.items() if isinstance(v, dict) and v.get("status", "ok") != "ok"]
     failed += [f"quickstart {k}" for k, v in report.get("quickstart", {}).items() if v["status"] != "ok"]
+    failed += [f"input {k}" for k, v in report.get("input", {}).items() if isinstance(v, dict) and v["status"] != "ok"]
     print(f"figures in {report_path}" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 

@@ -8,13 +8,16 @@ are not noise, which JPEG cannot compress and which would make decoding unrealis
 a smooth scene with the 1/f amplitude spectrum of natural photographs, a few objects with hard edges
 and shading, and a little sensor noise, in the sizes ImageNet's training images have (most 500 px on
 the long side, some smaller or larger, portrait and landscape). At quality 90 a 500x375 picture is
-about 70 kB, as ImageNet's average JPEG is. Everything is a function of ``--seed``.
+about 70 kB. Everything is a function of ``--seed``; ``--distinct N`` makes N pictures and repeats
+them over the files (for speed measurements of larger sets; ``--workers`` processes make them).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import multiprocessing
+import os
 import sys
 from pathlib import Path
 
@@ -86,20 +89,34 @@ def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
     return buffer.getvalue()
 
 
+def _encoded(args: tuple[int, int, int]) -> bytes:
+    seed, number, quality = args
+    return jpeg_bytes(picture(np.random.default_rng([seed, number])), quality)
+
+
 def write_image_folder(
-    dst: Path, classes: int = 10, train_per_class: int = 24, val_per_class: int = 4, seed: int = 0, quality: int = 90
+    dst: Path,
+    classes: int = 10,
+    train_per_class: int = 24,
+    val_per_class: int = 4,
+    seed: int = 0,
+    quality: int = 90,
+    distinct: int = 0,
+    workers: int = 1,
 ) -> int:
-    """Write the tree; returns the number of files written."""
-    rng = np.random.default_rng(seed)
-    count = 0
-    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
-        for c in range(classes):
-            folder = Path(dst) / split / f"n{c:08d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                (folder / f"n{c:08d}_{i}.JPEG").write_bytes(jpeg_bytes(picture(rng), quality))
-                count += 1
-    return count
+    """Write the tree; returns the number of files written. ``distinct`` > 0: only that many pictures
+    are made, and the files repeat them in turn (each file is decoded all the same: enough for speed
+    measurements of large sets); ``workers``: processes that make them."""
+    splits = (("train", train_per_class), ("val", val_per_class))
+    files = [(split, c, i) for split, n in splits for c in range(classes) for i in range(n)]
+    count = min(distinct, len(files)) if distinct else len(files)
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        pictures = pool.map(_encoded, [(seed, k, quality) for k in range(count)], chunksize=4)
+    for k, (split, c, i) in enumerate(files):
+        folder = Path(dst) / split / f"n{c:08d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"n{c:08d}_{i}.JPEG").write_bytes(pictures[k % count])
+    return len(files)
 
 
 def main(argv=None) -> int:
@@ -110,8 +127,11 @@ def main(argv=None) -> int:
     parser.add_argument("--val-per-class", type=int, default=4)
     parser.add_argument("--quality", type=int, default=90)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--distinct", type=int, default=0, help="make only this many pictures, repeated (0: all)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes that make pictures")
     args = parser.parse_args(argv)
-    n = write_image_folder(args.dst, args.classes, args.train_per_class, args.val_per_class, args.seed, args.quality)
+    counts = (args.classes, args.train_per_class, args.val_per_class)
+    n = write_image_folder(args.dst, *counts, args.seed, args.quality, args.distinct, args.workers)
     files = list(args.dst.rglob("*.JPEG"))
     mean_kb = sum(f.stat().st_size for f in files) / len(files) / 1e3
     print(f"wrote {n} JPEGs under {args.dst} (mean {mean_kb:.0f} kB)")

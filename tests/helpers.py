@@ -164,19 +164,6 @@ def smooth_picture(rng: np.random.Generator, height: int, width: int) -> Image.I
     return coarse.resize((width, height), Image.BICUBIC)
 
 
-def write_image_folder(root: Path, classes: int = 2, per_class: int = 6, size: int = 40) -> None:
-    """train/<class>/*.JPEG and val/<class>/*.JPEG: each class a different colour, plus noise."""
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in range(classes):
-            folder = root / split / f"n{c:08d}"
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                base = np.zeros((size, size + 8, 3)) + (255 * (c + 1) / (classes + 1))
-                img = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(folder / f"img_{i}.JPEG", quality=90)
-
-
 def final_checkpoint(run_dir: Path) -> dict:
     from engine import checkpoint as ckpt_io
 

@@ -5,7 +5,7 @@ import torch
 
 from cbam.errors import UserError
 from engine.device import AUTO_COMPILE_MODE, amp_dtype, compile_mode, set_cudnn_benchmark
-from helpers import TINY, results, train
+from helpers import TINY, results, train, train_here
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -29,7 +29,7 @@ def test_compile_choice():
 
 
 def test_run_records_what_auto_resolved_to(tmp_path):
-    train(tmp_path, "experiment=smoke", *TINY, "trainer.epochs=1", "trainer.image_every=0", "trainer.device=cpu")
+    train_here(tmp_path, "experiment=smoke", *TINY, "trainer.epochs=1", "trainer.image_every=0", "trainer.device=cpu")
     assert results(tmp_path)["settings"] == {"amp": "float32", "tf32": False, "compile": "off",
                                              "attention_impl": "fused"}  # fmt: skip
 

@@ -343,7 +343,7 @@ def test_two_ddp_ranks_see_disjoint_images_that_cover_the_epoch(tree, shards, tm
     roots = {"folder": str(tree), "shards": str(shards)}
     os.environ["TEST_PORT"] = str(29500 + os.getpid() % 1000)
     mp.spawn(_rank_batches, args=(roots, str(tmp_path / "ranks.pt")), nprocs=2, join=True)
-    rank0, rank1 = torch.load(tmp_path / "ranks.pt")
+    rank0, rank1 = torch.load(tmp_path / "ranks.pt", weights_only=True)
     for fmt, root in roots.items():
         single, _ = build_batches(image_config(Path(root), fmt), 4, 4, seed=5, device="cpu")
         expected = list(single.batches(epoch=3))

@@ -4,6 +4,7 @@ bad input is refused before any work, torchrun matches a single process."""
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -12,8 +13,10 @@ import time
 import pytest
 import torch
 
+from cbam.errors import UserError
 from engine import checkpoint as ckpt_io
-from helpers import ROOT, TINY, assert_same_run, results, sigterm_after_output, torchrun, train
+from engine.trainer import Trainer
+from helpers import ROOT, TINY, assert_same_run, compose, results, sigterm_after_output, torchrun, train
 
 # 4 epochs x 8 steps on synthetic data, a checkpoint every 3 steps.
 EXACT = ["experiment=smoke", *TINY, "trainer.epochs=4", "trainer.ckpt_every_steps=3", "trainer.image_every=0"]
@@ -171,10 +174,12 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("override,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_bad_input_is_refused(tmp_path, override, message):
+    """Refused as the trainer is built, before any work (in this process; that train.py turns the refusal
+    into one message and exit code 2 is tests/test_ablation.py's test_a_single_run_keeps_one_message...)."""
     if "cuda" in override and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    proc = train(tmp_path / "run", "experiment=smoke", *TINY, override, check=False)
-    _refused(proc, message)
+    with pytest.raises(UserError, match=re.escape(message)):
+        Trainer(compose("experiment=smoke", *TINY, override), tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
 
 
@@ -194,8 +199,8 @@ def test_unwritable_output_dir_is_refused(tmp_path):
 
 def test_image_folder_with_wrong_layout_is_refused(tmp_path):
     (tmp_path / "imgs" / "train" / "a").mkdir(parents=True)
-    proc = train(tmp_path / "run", "data=imagenet", f"data.root={tmp_path / 'imgs'}", check=False)
-    _refused(proc, "lacks val/", "Fix:")
+    with pytest.raises(UserError, match=r"lacks val/ \(data\.format=folder\)\. Fix:"):
+        Trainer(compose("data=imagenet", f"data.root={tmp_path / 'imgs'}"), tmp_path / "run")
 
 
 # ---- torchrun ------------------------------------------------------------------------------------------

@@ -46,6 +46,9 @@ def rgb_jpeg_size(data: bytes) -> tuple[int, int] | None:
 
 
 def decode_jpegs_on(device: torch.device, data: list[torch.Tensor]) -> list[torch.Tensor]:
-    """RGB JPEGs (1-D uint8 tensors of their bytes) decoded on ``device`` in one batched call: nvJPEG,
-    with the hardware decoder where the GPU has one, on CUDA; libjpeg-turbo on the CPU."""
+    """RGB JPEGs (1-D uint8 tensors of their bytes) decoded on ``device``: on CUDA in one batched call
+    (nvJPEG, with the hardware decoder where the GPU has one); on the CPU one by one (libjpeg-turbo; the
+    batched call takes lists there from torchvision 0.20 on)."""
+    if torch.device(device).type == "cpu":
+        return [decode_jpeg(d, mode=ImageReadMode.RGB) for d in data]
     return decode_jpeg(data, mode=ImageReadMode.RGB, device=device) if data else []
