@@ -28,17 +28,12 @@ USAGE = "python eval.py checkpoint=PATH [batch_size=N] [device=auto|cpu|cuda] [d
 def evaluate_checkpoint(cfg: DictConfig) -> dict:
     import torch
 
+    from analysis.profile import count_gmacs, count_params
     from engine import checkpoint as ckpt_io
-    from engine.shared import (
-        amp_dtype,
-        build_batches,
-        build_model,
-        count_gmacs,
-        count_params,
-        evaluate,
-        resolve_device,
-        set_tf32,
-    )  # fmt: skip
+    from engine.data import build_batches
+    from engine.device import amp_dtype, resolve_device, set_tf32
+    from engine.evaluation import evaluate
+    from engine.network import build_model
 
     path = Path(cfg.checkpoint)
     ckpt = ckpt_io.load(path)

@@ -76,7 +76,9 @@ class TensorBoardLogger(Logger):
         self.writer.add_image(tag, image, step)
 
     def histogram(self, tag, values, step):
-        self.writer.add_histogram(tag, values, step)
+        finite = values[torch.isfinite(values)]  # a diverged model's NaNs would leave TensorBoard no bins
+        if finite.numel():
+            self.writer.add_histogram(tag, finite, step)
 
     def hparams(self, hparams, metrics, varying):
         """The HParams plugin's experiment, session start and end, written into the run's own event file

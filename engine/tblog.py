@@ -10,12 +10,12 @@ import torch
 from torch import nn
 from torchvision.utils import make_grid
 
+from analysis.gradcam import grad_cam, last_stage
+from analysis.overlay import overlay, to_unit_range
 from cbam.modules import ChannelGate, SpatialGate
 
 from .config import run_overrides
-from .gradcam import grad_cam, last_stage
 from .loggers import Logger
-from .overlay import overlay, to_unit_range
 
 # Shown first in TensorBoard's HParams tab, by these short names; other fields only when overridden.
 KEY_FIELDS = {"model.arch": "arch", "attention.name": "attention", "optim.lr": "lr",

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from analysis.profile import count_gmacs, count_params
 from cbam.errors import RunFolderInUse, UserError
 from cbam.fused import auto_uses_fused
 from cbam.modules import AttentionModule
@@ -36,12 +37,12 @@ from . import distributed as dist
 from .clock import Clock
 from .data import IMAGE_SETS, build_batches
 from .device import amp_dtype, autocast, compile_mode, resolve_device, set_cudnn_benchmark, set_tf32
+from .evaluation import evaluate
 from .files import write_atomic
 from .loggers import build_logger
 from .metrics import Meter
+from .network import build_model
 from .optim import build_optimizer, build_scheduler
-from .profile import count_gmacs, count_params
-from .shared import build_model, evaluate
 from .stopping import StopNow, StopRequest
 from .tblog import CHARTS, METRICS, log_attention, write_hparams
 from .update import GuardedUpdate
@@ -189,7 +190,6 @@ class Trainer:
                 break
         self.clock.pause()
         bar.close()
-        self._check_nonfinite()
         return self.next_batch == self.steps_per_epoch
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from engine.paper import find_row
+from analysis.paper import find_row
 from engine.sweep import read_status
 
 IGNORED = {"seed", "name", "resume", "paths.log_dir", "paths.output_dir"}

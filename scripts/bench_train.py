@@ -25,7 +25,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from engine.config import register_configs, to_container
-from engine.shared import amp_dtype, autocast, build_batches, build_model, resolve_device
+from engine.data import build_batches
+from engine.device import amp_dtype, autocast, resolve_device
+from engine.network import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,9 +16,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from analysis.export import FORMATS, TOLERANCE, ExportCheckFailed, export
 from cbam.errors import UserError
-from engine.export import FORMATS, TOLERANCE, ExportCheckFailed, export
-from engine.shared import load_model
+from engine.network import load_model
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,9 +16,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from analysis.paper import TABLE4, TABLE5
+from analysis.profile import count_gmacs, count_params
 from cbam import PRESETS
-from engine.paper import TABLE4, TABLE5
-from engine.profile import count_gmacs, count_params
 from models import ARCHS, create_model
 
 

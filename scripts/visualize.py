@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
+from analysis.gradcam import grad_cam
+from analysis.overlay import overlay
 from cbam.errors import UserError
-from engine.gradcam import grad_cam
 from engine.images import class_names, image_files, read_images
-from engine.overlay import overlay
-from engine.shared import load_model
+from engine.network import load_model
 from engine.tblog import last_per_resolution, record_attention
 
 

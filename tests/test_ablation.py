@@ -11,9 +11,11 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata
 
+from analysis.paper import TABLES
 from cbam import PRESETS, resolve_spec
-from engine.paper import TABLES
 from helpers import ROOT, results, run
+
+pytestmark = pytest.mark.any_torch  # sweeps and the ablation table's output
 
 TINY_SWEEP = ["data=synthetic", "data.train_size=16", "data.val_size=8", "trainer.batch_size=8", "trainer.epochs=1",
               "trainer.limit_train_batches=1", "trainer.image_every=0"]  # fmt: skip
@@ -35,7 +37,7 @@ def launched(sweep_dir):
 @pytest.mark.parametrize("table", [1, 2, 3, 4, 5])
 def test_paper_table_sweep_launches_exactly_its_variants(tmp_path, table):
     width = [] if table == 5 else ["model.width=0.25"]
-    seeds = (0,) if table == 4 else (0, 1)  # 24 variants: one seed; the seed axis is tested on the others
+    seeds = (0, 1) if table == 3 else (0,)  # the seed axis is tested on table 3
     run("train.py", "-m", f"experiment=paper/table{table}", *TINY_SWEEP, *width, f"seed={','.join(map(str, seeds))}",
         f"hydra.sweep.dir={tmp_path}")  # fmt: skip
     expected = {(r.arch, r.attention, r.width if table == 5 else 0.25, s) for r in TABLES[table] for s in seeds}
@@ -66,15 +68,17 @@ def test_ablation_table_on_a_real_multirun(tmp_path):
     assert [h.name for h in experiment.hparam_infos] == ["arch", "attention", "lr", "batch_size", "epochs", "seed"]
     assert {h.name for h in experiment.hparam_infos if h.differs} == {"attention", "seed"}
     failed = tmp_path / "failed"
+    # lr 1e30 diverges at once; the skipped steps in a row reach trainer.max_nonfinite_steps (10) in epoch 2
     proc = run("train.py", "experiment=smoke", "model.width=0.25", "attention=se", "optim.lr=1e30",
-               "optim.momentum=0", "trainer.max_nonfinite_steps=2", f"hydra.run.dir={failed}", check=False)  # fmt: skip
+               "optim.momentum=0", f"hydra.run.dir={failed}", check=False)  # fmt: skip
     assert proc.returncode == 2
     out = tmp_path / "report"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "ablation_table.py"), str(sweep), str(failed),
                            "--out", str(out)], capture_output=True, text=True, cwd=ROOT, check=True)  # fmt: skip
     header = proc.stdout.splitlines()[0]
     assert "| attention |" in header and "| seed |" not in header and "| name |" not in header and "pool" not in header
-    assert "failed (non-finite: the loss is not finite at step" in proc.stdout and f"): {failed}" in proc.stdout
+    assert "failed (non-finite: the loss or the gradients were not finite in the last" in proc.stdout
+    assert f"): {failed}" in proc.stdout
     table = list(csv.DictReader(open(out / "ablation.csv")))
     rows = {r["attention"]: r for r in table if r["seeds"] != "0"}
     assert [r["attention"] for r in table if r["seeds"] == "0"] == ["se"]  # the failed variant: listed, no mean

@@ -9,6 +9,8 @@ import pytest
 
 from helpers import ROOT, run
 
+pytestmark = pytest.mark.any_torch  # the benchmark's output and statistics
+
 spec = importlib.util.spec_from_file_location("bench_attention", ROOT / "scripts" / "bench_attention.py")
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)

@@ -11,6 +11,8 @@ from cbam import PRESETS
 from engine.config import register_configs, to_container
 from models import ARCHS
 
+pytestmark = pytest.mark.any_torch  # Hydra's composition and the registries: no torch version in it
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 register_configs()
 

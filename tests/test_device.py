@@ -34,6 +34,7 @@ def test_run_records_what_auto_resolved_to(tmp_path):
                                              "attention_impl": "fused"}  # fmt: skip
 
 
+@pytest.mark.any_torch  # Hydra's check of a choice
 def test_bad_compile_mode_is_refused(tmp_path):
     proc = train(tmp_path, "experiment=smoke", "trainer.compile_mode=fastest", check=False)
     assert proc.returncode != 0

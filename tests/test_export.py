@@ -7,9 +7,9 @@ import onnxruntime
 import pytest
 import torch
 
+from analysis import export as exporting
+from analysis.export import ExportCheckFailed, export
 from cbam import PRESETS
-from engine import export as exporting
-from engine.export import ExportCheckFailed, export
 from helpers import ROOT, train
 from models import create_model
 
@@ -17,7 +17,7 @@ CONFIG = {"data": {"in_chans": 3, "image_size": 32}}
 
 
 def load_and_run(fmt: str, path, images: torch.Tensor) -> torch.Tensor:
-    """The file run the way a user of each format runs it, independently of engine.export."""
+    """The file run the way a user of each format runs it, independently of analysis.export."""
     if fmt == "onnx":
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         assert [i.name for i in session.get_inputs()] == ["images"]

@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
+from analysis.profile import count_gmacs
 from cbam import PRESETS, AttentionSpecError, build_attention, graphs
 from cbam import fused as fused_mod
 from cbam.fused import fused_gated_tail
-from engine.profile import count_gmacs
 from models import create_model
 from models.resnet import BasicBlock, Bottleneck
 

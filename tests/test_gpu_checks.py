@@ -13,9 +13,8 @@ from helpers import ROOT
 @pytest.mark.slow
 def test_gpu_check_cpu_mode_writes_every_figure(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path), GPU_CHECKS_LIMIT="1200")
-    steps = ["quickstart", "train_step", "ddp_step", "input"]  # the default plan and the input's measurement
-    proc = subprocess.run(["bash", "scripts/gpu_checks.sh", "--cpu", "--steps", *steps], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=1300)  # fmt: skip
+    proc = subprocess.run(["bash", "scripts/gpu_checks.sh", "--cpu"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=1300)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((tmp_path / "gpu_checks.json").read_text())
     assert report["mode"] == "cpu" and report["environment"]["torch"]
@@ -44,8 +43,4 @@ def test_gpu_check_cpu_mode_writes_every_figure(tmp_path):
     # DDP under torchrun (one process): no synchronisation inside the steps between logging steps
     ddp = report["ddp_step"]
     assert ddp["status"] == "ok" and ddp["ddp"] and ddp["steps_counted"] > 0 and ddp["syncs"] == 0, ddp
-    # the input: per-core figures of both formats, and training from shards beside in-memory tensors
-    data = report["input"]
-    assert all(v["status"] == "ok" for v in data.values() if isinstance(v, dict) and "status" in v), data
-    assert data["bench_data"]["shards"]["ratio"] > 1 and data["bench_data"]["workers"]["shards_img_s"] > 0
-    assert data["shards"]["train_img_per_s"] > 0 and data["shards_vs_in_memory"] > 0
+    assert "input" not in report  # opt-in (--steps ... input); its parts have tests of their own

@@ -6,8 +6,8 @@ import torch
 
 from engine.data import eval_geometry
 from engine.data.geometry import train_resolution
+from engine.network import build_model
 from engine.optim import build_optimizer, build_scheduler
-from engine.shared import build_model
 from helpers import compose
 
 

@@ -16,7 +16,7 @@ import torch
 from cbam.errors import UserError
 from engine import checkpoint as ckpt_io
 from engine.trainer import Trainer
-from helpers import ROOT, TINY, assert_same_run, compose, results, sigterm_after_output, torchrun, train
+from helpers import ROOT, TINY, assert_same_run, compose, results, sigterm_after_output, torchrun, train, train_here
 
 # 4 epochs x 8 steps on synthetic data, a checkpoint every 3 steps.
 EXACT = ["experiment=smoke", *TINY, "trainer.epochs=4", "trainer.ckpt_every_steps=3", "trainer.image_every=0"]
@@ -100,8 +100,8 @@ def test_truncated_checkpoint_is_refused_clearly(reference_run, tmp_path):
     broken = tmp_path / "last.pt"
     data = (reference_run / "checkpoints" / "last.pt").read_bytes()
     broken.write_bytes(data[: len(data) // 2])
-    proc = train(tmp_path / "run", *EXACT, f"resume={broken}", check=False)
-    _refused(proc, "corrupt or truncated", "Fix:")
+    with pytest.raises(ckpt_io.CheckpointError, match="corrupt or truncated .*Fix:"):
+        Trainer(compose(*EXACT, f"resume={broken}"), tmp_path / "run")
 
 
 def test_failed_save_leaves_previous_checkpoint_loadable(reference_run, tmp_path, monkeypatch):
@@ -151,8 +151,11 @@ def test_a_diverging_run_stops_with_exit_2_and_a_checkpoint_of_finite_weights(tm
 
 def test_deterministic_runs_are_identical(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    for d in (a, b):
-        train(d, "experiment=smoke", *TINY, "trainer.epochs=1", "trainer.deterministic=true")
+    try:
+        for d in (a, b):
+            train_here(d, "experiment=smoke", *TINY, "trainer.epochs=1", "trainer.deterministic=true")
+    finally:
+        torch.use_deterministic_algorithms(False)  # what trainer.deterministic=true set for this process
     assert_same_run(a, b)
 
 

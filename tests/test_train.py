@@ -118,6 +118,7 @@ def test_eval_reproduces_final_accuracy_exactly(smoke_run, tmp_path):
     assert "top-1" in proc.stdout
 
 
+@pytest.mark.any_torch  # the command line: Hydra's and the script's
 def test_eval_writes_nothing_into_the_current_folder(smoke_run, tmp_path):
     """Its log goes to the console; its JSON beside the checkpoint unless output= says otherwise."""
     import subprocess
@@ -131,6 +132,7 @@ def test_eval_writes_nothing_into_the_current_folder(smoke_run, tmp_path):
     assert (ckpt.parent / "eval_last.json").is_file()
 
 
+@pytest.mark.any_torch  # the command line: Hydra's and the script's
 def test_eval_refuses_bad_arguments_with_its_usage(smoke_run, tmp_path):
     proc = run("eval.py", check=False)
     text = proc.stdout + proc.stderr
@@ -141,6 +143,7 @@ def test_eval_refuses_bad_arguments_with_its_usage(smoke_run, tmp_path):
     assert proc.returncode == 2 and "is not a folder" in proc.stdout + proc.stderr
 
 
+@pytest.mark.any_torch  # the command line: Hydra's and the script's
 def test_eval_help_lists_only_its_own_options():
     text = run("eval.py", "--help").stdout
     for option in ("checkpoint:", "batch_size:", "data_root:", "output:"):
@@ -249,10 +252,12 @@ def test_missing_dataset(tmp_path):
         train_here(tmp_path / "run", "data=cifar10", f"data.root={tmp_path}/nowhere", "data.download=false")
 
 
+@pytest.mark.any_torch  # the command line: Hydra's and the script's
 def test_unknown_group_option(tmp_path):
     _refused(train(tmp_path, "model=resnet51", check=False), "Could not find 'model/resnet51'", "resnet50")
 
 
+@pytest.mark.any_torch  # the command line: Hydra's and the script's
 def test_wrong_value_type(tmp_path):
     _refused(train(tmp_path, "trainer.epochs=ten", check=False), "trainer.epochs", "could not be converted to Integer")
 

@@ -10,8 +10,8 @@ from matplotlib import colormaps
 from PIL import Image
 from torch import nn
 
-from engine.gradcam import grad_cam, last_stage
-from engine.overlay import colorize, normalise, overlay, to_unit_range
+from analysis.gradcam import grad_cam, last_stage
+from analysis.overlay import colorize, normalise, overlay, to_unit_range
 from helpers import ROOT, train
 from models import create_model
 
@@ -139,6 +139,7 @@ def predictions_by_hand(checkpoint, files) -> list[tuple[int, float]]:
     return [(int(p.argmax()), float(p.max())) for p in probs]
 
 
+@pytest.mark.any_torch  # the script's command line and figure
 def test_visualize_two_checkpoints_side_by_side(checkpoints, tmp_path):
     paths, folder = checkpoints
     out = tmp_path / "fig" / "fig4.png"
@@ -160,6 +161,7 @@ def test_visualize_two_checkpoints_side_by_side(checkpoints, tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["fig4.png"]
 
 
+@pytest.mark.any_torch  # the script's command line and figure
 def test_visualize_chosen_blocks(checkpoints, tmp_path):
     paths, folder = checkpoints
     out = tmp_path / "one.pdf"
@@ -168,6 +170,7 @@ def test_visualize_chosen_blocks(checkpoints, tmp_path):
     assert out.read_bytes()[:4] == b"%PDF"
 
 
+@pytest.mark.any_torch
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -187,6 +190,7 @@ def test_visualize_refuses_bad_input(checkpoints, tmp_path, args, message):
     assert "Traceback" not in proc.stderr and not (tmp_path / "f.png").exists()
 
 
+@pytest.mark.any_torch  # the script's command line and figure
 def test_visualize_refuses_a_missing_checkpoint(checkpoints, tmp_path):
     _, folder = checkpoints
     proc = visualize(tmp_path / "nope.pt", "--images", folder, "--out", tmp_path / "f.png")
