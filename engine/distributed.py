@@ -90,15 +90,6 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def broadcast_flag(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is True on any (e.g. a stop signal seen by one process)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def broadcast_object(obj):
     """Rank 0's ``obj`` on every rank (e.g. its run directory)."""
     if not dist.is_initialized():
