@@ -39,8 +39,10 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     ckpt = ckpt_io.load(path)
     config = ckpt["config"]
     if cfg.data_root is not None and not Path(cfg.data_root).is_dir():
-        raise UserError(f"data_root={cfg.data_root!r} is not a folder. Fix: pass the folder that holds the data now, "
-                        "or leave data_root out to use the training run's")  # fmt: skip
+        raise UserError(
+            f"data_root={cfg.data_root!r} is not a folder. Fix: pass the folder that holds the data now, "
+            "or leave data_root out to use the training run's"
+        )
     data = dict(config["data"], root=cfg.data_root or config["data"]["root"])
     trainer = config["trainer"]
     device = resolve_device(cfg.device)
@@ -63,11 +65,21 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     elapsed = time.perf_counter() - tic
     summary = meter.summary()
     return {
-        "checkpoint": str(path), "top1": summary["top1"], "top5": summary["top5"], "top1_err": summary["top1_err"],
-        "top5_err": summary["top5_err"], "loss": summary["loss"], "images": summary["samples"], "params": params,
-        "gmacs": gmacs, "img_per_s": summary["samples"] / elapsed, "epoch": ckpt["progress"]["epoch"],
-        "model": config["model"]["arch"], "attention": config["attention"]["name"], "data": data["name"],
-    }  # fmt: skip
+        "checkpoint": str(path),
+        "top1": summary["top1"],
+        "top5": summary["top5"],
+        "top1_err": summary["top1_err"],
+        "top5_err": summary["top5_err"],
+        "loss": summary["loss"],
+        "images": summary["samples"],
+        "params": params,
+        "gmacs": gmacs,
+        "img_per_s": summary["samples"] / elapsed,
+        "epoch": ckpt["progress"]["epoch"],
+        "model": config["model"]["arch"],
+        "attention": config["attention"]["name"],
+        "data": data["name"],
+    }
 
 
 @hydra.main(config_path=None, config_name="base_eval", version_base="1.3")

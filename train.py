@@ -75,8 +75,13 @@ def main(cfg: DictConfig) -> float | None:
         from engine.distributed import requeue_slurm_job
 
         requeued = requeue_slurm_job()
-        log.warning("%s: %s", signal.Signals(stop.signum).name, "job requeued; it continues with resume=auto"
-                    if requeued else "not requeued (no SLURM job, or scontrol refused)")  # fmt: skip
+        log.warning(
+            "%s: %s",
+            signal.Signals(stop.signum).name,
+            "job requeued; it continues with resume=auto"
+            if requeued
+            else "not requeued (no SLURM job, or scontrol refused)",
+        )
     # The return value is what a Hydra sweeper optimises.
     return None if results is None else results["top1"]
 

@@ -47,12 +47,26 @@ def _onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
         except ImportError:
             raise UserError("ONNX export needs onnxscript: pip install -e '.[export]'") from None
         batch = torch.export.Dim("batch")
-        torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=[INPUT_NAME],
-                          output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), verbose=False,
-                          external_data=False)  # one self-contained file (models under 2 GB)  # fmt: skip
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},),
+            verbose=False,
+            external_data=False,
+        )  # one self-contained file (models under 2 GB)
     else:  # the TorchScript-based exporter, which older torch uses by default
-        torch.onnx.export(model, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})  # fmt: skip
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )
 
 
 def _run_onnx(path: Path, images: torch.Tensor) -> torch.Tensor:
@@ -85,8 +99,11 @@ def _run_exported(path: Path, images: torch.Tensor) -> torch.Tensor:
     return torch.export.load(str(path)).module()(images)
 
 
-WRITERS = {"onnx": (_onnx, _run_onnx), "torchscript": (_torchscript, _run_torchscript),
-           "exported": (_exported, _run_exported)}  # fmt: skip
+WRITERS = {
+    "onnx": (_onnx, _run_onnx),
+    "torchscript": (_torchscript, _run_torchscript),
+    "exported": (_exported, _run_exported),
+}
 
 
 def export(model: nn.Module, config: dict, fmt: str, out: Path) -> Exported:
@@ -110,8 +127,10 @@ def export(model: nn.Module, config: dict, fmt: str, out: Path) -> Exported:
             got = run(staged, images)
         diff = (got.float() - expected.float()).abs().max().item()
         if not diff <= TOLERANCE:  # NaN fails too
-            raise ExportCheckFailed(f"the {fmt} file's logits differ from PyTorch's by {diff:.3g} (at most {TOLERANCE} "
-                            "allowed); nothing was written")  # fmt: skip
+            raise ExportCheckFailed(
+                f"the {fmt} file's logits differ from PyTorch's by {diff:.3g} (at most {TOLERANCE} "
+                "allowed); nothing was written"
+            )
         staged.replace(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

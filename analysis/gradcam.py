@@ -33,8 +33,9 @@ def last_stage(model: nn.Module) -> nn.Module:
     raise ValueError(f"{type(model).__name__} has no last stage named layer4 or features; pass the layer to explain")
 
 
-def grad_cam(model: nn.Module, images: torch.Tensor, layer: nn.Module | None = None,
-             classes: torch.Tensor | None = None) -> GradCam:  # fmt: skip
+def grad_cam(
+    model: nn.Module, images: torch.Tensor, layer: nn.Module | None = None, classes: torch.Tensor | None = None
+) -> GradCam:
     """Grad-CAM of ``layer`` (default: ``last_stage(model)``) for ``classes`` (default: each image's
     predicted class). The model runs in eval mode; no parameter's ``.grad`` is touched."""
     layer = layer if layer is not None else last_stage(model)

@@ -28,8 +28,9 @@ def overlay(images01: torch.Tensor, maps: torch.Tensor, alpha: float = 0.5, cmap
     """(N, C, H, W) images in [0, 1] (C = 1 or 3) and (N, h, w) maps -> (N, 3, H, W) blends in [0, 1]:
     each map normalised on its own, bilinearly upsampled to H x W, coloured, blended with weight ``alpha``."""
     images01 = images01.detach().float().cpu()
-    up = F.interpolate(maps.detach().float().cpu()[:, None], size=images01.shape[-2:], mode="bilinear",
-                       align_corners=False)[:, 0]  # fmt: skip
+    up = F.interpolate(
+        maps.detach().float().cpu()[:, None], size=images01.shape[-2:], mode="bilinear", align_corners=False
+    )[:, 0]
     heat = colorize(normalise(up), cmap)
     rgb = images01.expand(-1, 3, -1, -1) if images01.shape[1] == 1 else images01
     return (1 - alpha) * rgb + alpha * heat

@@ -139,7 +139,24 @@ def spatial_output(cfg, x, shortcut, s, t, a, conv, out: torch.Tensor) -> torch.
         k = weight.shape[-1]
     desc_gated = int(cfg.order == "channel_first")
     library().cbam_spatial_output(
-        x.data_ptr(), out.data_ptr(), _ptr(shortcut), n, c, h, w, s.data_ptr(), t.data_ptr(), _ptr(a), desc_gated,
-        _ptr(weight), _ptr(bias), k, _ptr(gamma), _ptr(beta), _ptr(mean), _ptr(var), cfg.spatial_bn_eps,
-    )  # fmt: skip
+        x.data_ptr(),
+        out.data_ptr(),
+        _ptr(shortcut),
+        n,
+        c,
+        h,
+        w,
+        s.data_ptr(),
+        t.data_ptr(),
+        _ptr(a),
+        desc_gated,
+        _ptr(weight),
+        _ptr(bias),
+        k,
+        _ptr(gamma),
+        _ptr(beta),
+        _ptr(mean),
+        _ptr(var),
+        cfg.spatial_bn_eps,
+    )
     return out

@@ -349,9 +349,18 @@ def _spatial_backward(cfg: TailConfig, d_b, b, desc, z_hat, invstd, weight, gamm
         d_z = d_z * (gamma * invstd)
     maps = _stack_maps(list(desc))
     d_maps, d_weight, d_bias = torch.ops.aten.convolution_backward(
-        d_z, maps, weight, [1] if has_bias else None, [1, 1], [cfg.padding] * 2, [1, 1], False, [0, 0], 1,
+        d_z,
+        maps,
+        weight,
+        [1] if has_bias else None,
+        [1, 1],
+        [cfg.padding] * 2,
+        [1, 1],
+        False,
+        [0, 0],
+        1,
         [True, True, has_bias],
-    )  # fmt: skip
+    )
     return (d_maps[:, 0], d_maps[:, 1]), [d_weight, *([d_bias] if has_bias else []), *bn_grads]
 
 
@@ -460,7 +469,7 @@ def _tail_backward(cfg: TailConfig, g, x, saved, mlp_weights, conv_weights):
     bn_stats = None if cfg.bn is None else (mean, invstd)
     d_x, d_gamma, d_beta = k_input_grads(
         g, x, s, t, a, b, order, u_terms, v_terms, bn_stats, cfg.bn == "batch", bn_grads
-    )  # fmt: skip
+    )
     return d_x, [] if cfg.bn is None else [d_gamma, d_beta], mlp_grads, spatial_grads
 
 

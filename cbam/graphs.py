@@ -105,8 +105,14 @@ class CompiledGraph:
         with _compile_settings(x.device.type):
             out = self._run(cfg, x, *args)
         self._shapes.add(key)
-        log.info("fused CBAM: compiled %s for %s blocks of shape %s (%s) in %.1f s", self.fn.__name__.strip("_"),
-                 x.device.type, tuple(x.shape), x.dtype, time.perf_counter() - tic)  # fmt: skip
+        log.info(
+            "fused CBAM: compiled %s for %s blocks of shape %s (%s) in %.1f s",
+            self.fn.__name__.strip("_"),
+            x.device.type,
+            tuple(x.shape),
+            x.dtype,
+            time.perf_counter() - tic,
+        )
         return out
 
     def _run(self, cfg, x, *args):
@@ -124,9 +130,12 @@ class CompiledGraph:
             _failed_devices.add(x.device.type)
             log.warning(
                 "fused CBAM: its %s graph could not be compiled or run on %s (%s: %s); CBAM runs the reference "
-                "implementation from now on", self.fn.__name__.strip("_"), x.device.type, type(err).__name__,
+                "implementation from now on",
+                self.fn.__name__.strip("_"),
+                x.device.type,
+                type(err).__name__,
                 str(err).splitlines()[0] if str(err) else "",
-            )  # fmt: skip
+            )
             raise CompileFailed(str(err)) from err
 
 

@@ -208,8 +208,14 @@ def register_configs(app: str = "train") -> None:
 
 
 # A group override names the option of a group; its config field is the option's name.
-GROUP_FIELDS = {"model": "model.arch", "attention": "attention.name", "data": "data.name", "optim": "optim.name",
-                "sched": "sched.name", "logger": "logger.name"}  # fmt: skip
+GROUP_FIELDS = {
+    "model": "model.arch",
+    "attention": "attention.name",
+    "data": "data.name",
+    "optim": "optim.name",
+    "sched": "sched.name",
+    "logger": "logger.name",
+}
 # Overrides that say where things are or how the sweep is run, not what is trained.
 NOT_RUN_FIELDS = ("hydra", "experiment", "data.root", "paths", "resume", "name")
 

@@ -106,9 +106,11 @@ class TensorBoardLogger(Logger):
             hparam_infos=infos, metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=t)) for t in metrics]
         )
         end = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS)
-        for s in (summary(metadata.EXPERIMENT_TAG, experiment=experiment),
-                  summary(metadata.SESSION_START_INFO_TAG, session_start_info=start),
-                  summary(metadata.SESSION_END_INFO_TAG, session_end_info=end)):  # fmt: skip
+        for s in (
+            summary(metadata.EXPERIMENT_TAG, experiment=experiment),
+            summary(metadata.SESSION_START_INFO_TAG, session_start_info=start),
+            summary(metadata.SESSION_END_INFO_TAG, session_end_info=end),
+        ):
             self.writer.file_writer.add_summary(s)
 
     def charts(self, charts):

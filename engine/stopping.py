@@ -82,8 +82,11 @@ class StopRequest:
                 raise KeyboardInterrupt
             return
         self.requested, self.signum = True, signum
-        log.warning("%s received: stopping after this step and writing a checkpoint (at most %g s)",
-                    signal.Signals(signum).name, self.grace_s)  # fmt: skip
+        log.warning(
+            "%s received: stopping after this step and writing a checkpoint (at most %g s)",
+            signal.Signals(signum).name,
+            self.grace_s,
+        )
         self._timer = threading.Timer(self.grace_s, self._expire, args=(threading.main_thread().ident,))
         self._timer.daemon = True
         self._timer.start()

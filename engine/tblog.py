@@ -18,14 +18,24 @@ from .config import run_overrides
 from .loggers import Logger
 
 # Shown first in TensorBoard's HParams tab, by these short names; other fields only when overridden.
-KEY_FIELDS = {"model.arch": "arch", "attention.name": "attention", "optim.lr": "lr",
-              "trainer.batch_size": "batch_size", "trainer.epochs": "epochs", "seed": "seed"}  # fmt: skip
+KEY_FIELDS = {
+    "model.arch": "arch",
+    "attention.name": "attention",
+    "optim.lr": "lr",
+    "trainer.batch_size": "batch_size",
+    "trainer.epochs": "epochs",
+    "seed": "seed",
+}
 # The hparams' metrics: scalar series of every run (the last value counts).
 METRICS = ("val/top1", "val/top5", "model/params_M", "model/GMACs", "throughput/train_img_per_s")
 # The charts to see first (TensorBoard's Custom Scalars tab): training and validation in one chart each.
-CHARTS = {"top-1 (%)": ["train/top1", "val/top1"], "loss": ["train/loss", "val/loss"],
-          "top-5 (%)": ["train/top5", "val/top5"], "learning rate": ["lr"],
-          "training images/s": ["throughput/train_img_per_s"]}  # fmt: skip
+CHARTS = {
+    "top-1 (%)": ["train/top1", "val/top1"],
+    "loss": ["train/loss", "val/loss"],
+    "top-5 (%)": ["train/top5", "val/top5"],
+    "learning rate": ["lr"],
+    "training images/s": ["throughput/train_img_per_s"],
+}
 
 
 def _field(config: dict, path: str):

@@ -81,9 +81,15 @@ def load_pretrained(model: nn.Module, arch: str, source: str) -> nn.Module:
     unexpected = sorted(k for k in state if k not in own)
     missing = sorted(k for k in own if k not in state and k not in attention and k not in classifier)
     if mismatched or unexpected or missing:
-        problems = [f"{name}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-                    for name, keys in (("shape differs", mismatched), ("not in this model", unexpected),
-                                       ("missing from the weights", missing)) if keys]  # fmt: skip
+        problems = [
+            f"{name}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+            for name, keys in (
+                ("shape differs", mismatched),
+                ("not in this model", unexpected),
+                ("missing from the weights", missing),
+            )
+            if keys
+        ]
         raise PretrainedError(f"pretrained={source!r} does not fit {arch}: " + "; ".join(problems))
     model.load_state_dict(state, strict=False)
     return model

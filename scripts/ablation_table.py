@@ -131,11 +131,15 @@ def summarise(varying: list[str], variant: Variant) -> dict:
     t1, t1s = mean_std([r["top1_err"] for r in done])
     t5, t5s = mean_std([r["top5_err"] for r in done])
     row.update(
-        seeds=len(done), top1_err=t1, top1_err_std=t1s, top5_err=t5, top5_err_std=t5s,
+        seeds=len(done),
+        top1_err=t1,
+        top1_err_std=t1s,
+        top5_err=t5,
+        top5_err_std=t5s,
         params_m=done[0]["params"] / 1e6 if done else float("nan"),
         gmacs=done[0]["gmacs"] if done else float("nan"),
         img_per_s=statistics.fmean(r["train_img_per_s"] for r in done) if done else float("nan"),
-    )  # fmt: skip
+    )
     paper = None
     if config["data"]["name"] == "imagenet":
         paper = find_row(config["model"]["arch"], config["attention"]["name"], config["model"].get("width", 1.0))
@@ -153,8 +157,17 @@ def _pm(mean: float, std: float) -> str:
 
 
 def markdown(rows: list[dict], label_keys: list[str]) -> str:
-    head = [*label_keys, "seeds", "top-1 err (%)", "top-5 err (%)", "params (M)", "GMACs", "img/s",
-            "paper top-1 / top-5", "diff top-1"]  # fmt: skip
+    head = [
+        *label_keys,
+        "seeds",
+        "top-1 err (%)",
+        "top-5 err (%)",
+        "params (M)",
+        "GMACs",
+        "img/s",
+        "paper top-1 / top-5",
+        "diff top-1",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         paper = "–"
@@ -164,9 +177,15 @@ def markdown(rows: list[dict], label_keys: list[str]) -> str:
             )
         diff = f"{r['diff_top1_err']:+.2f}" if r["diff_top1_err"] is not None else "–"
         cells = [str(r[k]) for k in label_keys] + [
-            str(r["seeds"]), _pm(r["top1_err"], r["top1_err_std"]), _pm(r["top5_err"], r["top5_err_std"]),
-            f"{r['params_m']:.3f}", f"{r['gmacs']:.4f}", f"{r['img_per_s']:.0f}", paper, diff,
-        ]  # fmt: skip
+            str(r["seeds"]),
+            _pm(r["top1_err"], r["top1_err_std"]),
+            _pm(r["top5_err"], r["top5_err_std"]),
+            f"{r['params_m']:.3f}",
+            f"{r['gmacs']:.4f}",
+            f"{r['img_per_s']:.0f}",
+            paper,
+            diff,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

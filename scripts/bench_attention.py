@@ -103,8 +103,10 @@ def build(name: str, arch: str) -> tuple[nn.Module, str | None]:
     base, _, mode = name.partition("@")
     eager = variants(arch)
     if base not in eager or (mode and mode not in COMPILE_MODES[1:]):
-        raise SystemExit(f"unknown variant {name!r}; allowed: {', '.join(eager)}, each optionally @MODE with MODE "
-                         f"one of {', '.join(COMPILE_MODES[1:])}")  # fmt: skip
+        raise SystemExit(
+            f"unknown variant {name!r}; allowed: {', '.join(eager)}, each optionally @MODE with MODE "
+            f"one of {', '.join(COMPILE_MODES[1:])}"
+        )
     return eager[base](), mode or None
 
 
@@ -176,8 +178,12 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="*", help="subset of variants (NAME or NAME@MODE); 'none' is always measured")
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
     parser.add_argument("--first-step-limit", type=float, default=0, help="seconds; drop a variant past it (0: none)")
-    parser.add_argument("--first-step-only", action="store_true", help="run the first step of each variant of --only "
-                        "(no baseline) and stop: compilation alone, which fills inductor's caches")  # fmt: skip
+    parser.add_argument(
+        "--first-step-only",
+        action="store_true",
+        help="run the first step of each variant of --only "
+        "(no baseline) and stop: compilation alone, which fills inductor's caches",
+    )
     parser.add_argument("--keep-freed-memory", action="store_true", help="CPU: no page faults for large tensors")
     parser.add_argument(
         "--measure", choices=["both", "train", "infer"], default="both", help="time training steps, inference or both"
@@ -305,30 +311,50 @@ def main(argv=None) -> int:
         return f"{statistics.median(ratios):.3f}x | {q1:.3f}-{q3:.3f} | {lo:.3f}-{hi:.3f}"
 
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
-    print(f"{args.arch}, {args.image_size}x{args.image_size}, batch {args.batch}, {dev}, amp={args.amp}, "
-          f"channels_last={args.channels_last}, keep_freed_memory={args.keep_freed_memory}, median of {args.reps}, "
-          f"torch {torch.__version__}\n")  # fmt: skip
+    print(
+        f"{args.arch}, {args.image_size}x{args.image_size}, batch {args.batch}, {dev}, amp={args.amp}, "
+        f"channels_last={args.channels_last}, keep_freed_memory={args.keep_freed_memory}, median of {args.reps}, "
+        f"torch {torch.__version__}\n"
+    )
     if args.json:
         figures = {}
         for name in names:
-            figures[name] = _figures(times[name], times["none"], args.batch, first_step[name], memory.get(name),
-                                     memory["none"], peak.get(name), peak.get("none"))  # fmt: skip
+            figures[name] = _figures(
+                times[name],
+                times["none"],
+                args.batch,
+                first_step[name],
+                memory.get(name),
+                memory["none"],
+                peak.get(name),
+                peak.get("none"),
+            )
             same_mode = f"none@{modes[name]}"
             if modes[name] and same_mode in names:  # also against no attention compiled the same way
                 figures[name]["vs " + same_mode] = _figures(
-                    times[name], times[same_mode], args.batch, first_step[name], None, None, peak.get(name),
+                    times[name],
+                    times[same_mode],
+                    args.batch,
+                    first_step[name],
+                    None,
+                    None,
+                    peak.get(name),
                     peak.get(same_mode),
-                )  # fmt: skip
+                )
         meta = {k: v for k, v in vars(args).items() if k not in ("json", "only")}
         meta.update(device_name=dev, torch=torch.__version__, default_cbam=default_variant("cbam (default)", device))
         args.json.write_text(json.dumps({"meta": meta, "variants": figures, "dropped": dropped}, indent=2))
-    print("| variant | train step (s) | train ratio | quartiles | 95% CI | inference (s) | inference ratio "
-          "| quartiles | 95% CI | saved MiB | saved ratio |")  # fmt: skip
+    print(
+        "| variant | train step (s) | train ratio | quartiles | 95% CI | inference (s) | inference ratio "
+        "| quartiles | 95% CI | saved MiB | saved ratio |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
         saved = f"{memory[name] / 2**20:.1f} | {memory[name] / memory['none']:.3f}x" if name in memory else "- | -"
-        print(f"| {name} | {seconds(name, 'train')} | {ratio(name, 'train')} | {seconds(name, 'infer')} | "
-              f"{ratio(name, 'infer')} | {saved} |")  # fmt: skip
+        print(
+            f"| {name} | {seconds(name, 'train')} | {ratio(name, 'train')} | {seconds(name, 'infer')} | "
+            f"{ratio(name, 'infer')} | {saved} |"
+        )
     return 0
 
 
@@ -339,9 +365,12 @@ def _figures(times, base, batch, first_step, saved, saved_base, peak, peak_base)
         ratios = sorted(t / b for t, b in zip(ts, base[kind], strict=True))
         q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
         out[kind] = {
-            "median_s": statistics.median(ts), "img_per_s": batch / statistics.median(ts),
-            "ratio": statistics.median(ratios), "quartiles": [q1, q3], "ci95": list(median_ci(ratios)),
-        }  # fmt: skip
+            "median_s": statistics.median(ts),
+            "img_per_s": batch / statistics.median(ts),
+            "ratio": statistics.median(ratios),
+            "quartiles": [q1, q3],
+            "ci95": list(median_ci(ratios)),
+        }
     if saved is not None:
         out["saved_mib"], out["saved_ratio"] = saved / 2**20, saved / saved_base
     if peak is not None:

@@ -39,8 +39,9 @@ def bare_loop(config: dict, steps: int) -> float:
     device = resolve_device(t["device"])
     train, _ = build_batches(config["data"], t["batch_size"], t["batch_size"], config["seed"], device)
     model = build_model(config).to(device, memory_format=torch.channels_last).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=o["momentum"], weight_decay=o["weight_decay"],
-                          nesterov=o["nesterov"])  # fmt: skip
+    opt = torch.optim.SGD(
+        model.parameters(), lr=0.01, momentum=o["momentum"], weight_decay=o["weight_decay"], nesterov=o["nesterov"]
+    )
     batches = train.batches(0)
 
     def step(x, y):
@@ -92,8 +93,10 @@ def main(argv=None) -> int:
         ours = json.loads((Path(tmp) / "results.json").read_text())["train_img_per_s"]
     bare.append(bare_loop(config, args.steps))
     base = statistics.fmean(bare)
-    print(f"{args.experiment}: {config['model']['arch']} + {config['attention']['name']}, batch "
-          f"{config['trainer']['batch_size']}, {args.steps} steps, {_device_name(config)}")  # fmt: skip
+    print(
+        f"{args.experiment}: {config['model']['arch']} + {config['attention']['name']}, batch "
+        f"{config['trainer']['batch_size']}, {args.steps} steps, {_device_name(config)}"
+    )
     print(f"bare loop: {bare[0]:.0f} / {bare[1]:.0f} img/s (before / after)")
     print(f"train.py:  {ours:.0f} img/s  ->  {ours / base:.3f}x the bare loop")
     return 0

@@ -25,8 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="a checkpoint written by train.py (.pt)")
     parser.add_argument("--format", required=True, choices=list(FORMATS), help="the file's format")
-    parser.add_argument("--out", type=Path, help="the file to write (default: the checkpoint's name with "
-                        f"{', '.join(f'{s} ({f})' for f, s in FORMATS.items())})")  # fmt: skip
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="the file to write (default: the checkpoint's name with "
+        f"{', '.join(f'{s} ({f})' for f, s in FORMATS.items())})",
+    )
     args = parser.parse_args(argv)
     out = args.out or args.checkpoint.with_suffix(FORMATS[args.format])
     if out.resolve() == args.checkpoint.resolve():
@@ -41,8 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     arch, attention = config["model"]["arch"], config["attention"]["name"]
-    print(f"{arch} + {attention} -> {result.path} ({args.format}, {result.path.stat().st_size / 2**20:.1f} MiB); "
-          f"max abs difference from PyTorch {result.max_abs_diff:.2g} (at most {TOLERANCE})")  # fmt: skip
+    print(
+        f"{arch} + {attention} -> {result.path} ({args.format}, {result.path.stat().st_size / 2**20:.1f} MiB); "
+        f"max abs difference from PyTorch {result.max_abs_diff:.2g} (at most {TOLERANCE})"
+    )
     return 0
 
 

@@ -58,14 +58,19 @@ CANDIDATES = {
         "trainer.compile=true",
         "trainer.compile_mode=reduce-overhead",
         "attention.impl=reference",
-    ],  # fmt: skip
+    ],
     "fused": ["trainer.compile=false", "attention.impl=fused", "trainer.epochs=1"],  # throughput only
 }
 # Eager variants first (seconds), then the compiled ones, each of whose first steps may take minutes on
 # a cold cache: those past --first-step-limit are reported as dropped. More with --variants.
 TRAIN_STEP_VARIANTS = [
-    "none", "cbam (reference)", "timm {arch}-cbam", "cbam (default)", "none (default)", "timm {arch}-cbam@default",
-]  # fmt: skip
+    "none",
+    "cbam (reference)",
+    "timm {arch}-cbam",
+    "cbam (default)",
+    "none (default)",
+    "timm {arch}-cbam@default",
+]
 QUICKSTART_RUNS = ("defaults",)  # more with --candidates ("eager reference", ...)
 STEPS = ("quickstart", "train_step", "ddp_step", "cuda_tests", "input")
 DEFAULT_STEPS = ("quickstart", "train_step", "ddp_step")  # cuda_tests and input with --steps
@@ -73,8 +78,15 @@ DEFAULT_STEPS = ("quickstart", "train_step", "ddp_step")  # cuda_tests and input
 # add up to 360 s: "precompile" compiles train_step's compiled variants, each in its own process at the same time,
 # so that train_step's own first steps find their graphs in inductor's caches. "input" (opt-in) is the sum of its
 # parts' limits: 3 x 90 s (make, prepare, bench_data) and 3 x 60 s (training runs).
-LIMITS = {"quickstart": 60, "quickstart eager reference": 55, "precompile": 140, "train_step": 100,
-          "first_step": 50, "ddp_step": 60, "cuda_tests": 60}  # fmt: skip
+LIMITS = {
+    "quickstart": 60,
+    "quickstart eager reference": 55,
+    "precompile": 140,
+    "train_step": 100,
+    "first_step": 50,
+    "ddp_step": 60,
+    "cuda_tests": 60,
+}
 
 
 def run_steps(steps: dict[str, list[str]], limit: float, log_dir: Path, env: dict | None = None) -> dict[str, dict]:
@@ -85,8 +97,9 @@ def run_steps(steps: dict[str, list[str]], limit: float, log_dir: Path, env: dic
     for name, cmd in steps.items():
         logs[name] = log_dir / (re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") + ".log")
         with open(logs[name], "w") as log:  # the child keeps its own copy of the file
-            running[name] = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                             start_new_session=True)  # fmt: skip
+            running[name] = subprocess.Popen(
+                cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
     while running and time.perf_counter() - tic < limit:
         for name, proc in list(running.items()):
             if proc.poll() is not None:
@@ -123,8 +136,12 @@ def environment() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, check=False)  # fmt: skip
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         info["driver"] = smi.stdout.strip() or None
     else:
         info["cpu"] = platform.processor() or platform.machine()
@@ -148,8 +165,14 @@ def default_candidate(device_type: str) -> str:
 
 def quickstart_overrides(cpu: bool, data_root: str | None) -> list[str]:
     if cpu:  # seconds: the smoke recipe, two steps of one epoch
-        return ["experiment=smoke", "model.width=0.25", "trainer.epochs=1", "trainer.limit_train_batches=4",
-                "trainer.limit_val_batches=1", "trainer.device=cpu"]  # fmt: skip
+        return [
+            "experiment=smoke",
+            "model.width=0.25",
+            "trainer.epochs=1",
+            "trainer.limit_train_batches=4",
+            "trainer.limit_val_batches=1",
+            "trainer.device=cpu",
+        ]
     return ["experiment=quickstart", *([f"data.root={data_root}"] if data_root else [])]
 
 
@@ -159,26 +182,65 @@ def input_step(cpu: bool, out: Path, env: dict) -> dict:
     py, tmp = sys.executable, Path(tempfile.mkdtemp())
     images, distinct, batch, steps = (64, 16, 8, 4) if cpu else (4096, 512, 256, 40)
     entry: dict = {}
-    make = [py, "scripts/make_image_folder.py", str(tmp / "jpegs"), "--classes", "8", "--train-per-class",
-            str(images // 8), "--val-per-class", "4", "--distinct", str(distinct)]  # fmt: skip
+    make = [
+        py,
+        "scripts/make_image_folder.py",
+        str(tmp / "jpegs"),
+        "--classes",
+        "8",
+        "--train-per-class",
+        str(images // 8),
+        "--val-per-class",
+        "4",
+        "--distinct",
+        str(distinct),
+    ]
     prepare = [py, "scripts/prepare_data.py", str(tmp / "jpegs"), str(tmp / "shards"), "--quiet"]
-    bench = [py, "scripts/bench_data.py", str(tmp / "jpegs"), "--rounds", "1", "--decode-on-device",
-             "--batch", "32", "--json", str(out / "bench_data.json")]  # fmt: skip
+    bench = [
+        py,
+        "scripts/bench_data.py",
+        str(tmp / "jpegs"),
+        "--rounds",
+        "1",
+        "--decode-on-device",
+        "--batch",
+        "32",
+        "--json",
+        str(out / "bench_data.json"),
+    ]
     for name, cmd in (("make_image_folder", make), ("prepare_data", prepare), ("bench_data", bench)):
         entry[name] = run_step(f"input {name}", cmd, 600 if cpu else 90, out, env)
     if (out / "bench_data.json").exists():
         entry["bench_data"].update(json.loads((out / "bench_data.json").read_text()))
-    model = ["model=resnet50", "attention=none", "trainer.compile=false", f"trainer.batch_size={batch}",
-             "trainer.epochs=1", f"trainer.limit_train_batches={steps}", "trainer.limit_val_batches=1",
-             "trainer.image_every=0", "trainer.log_every=1000", "data.num_classes=8"]  # fmt: skip
+    model = [
+        "model=resnet50",
+        "attention=none",
+        "trainer.compile=false",
+        f"trainer.batch_size={batch}",
+        "trainer.epochs=1",
+        f"trainer.limit_train_batches={steps}",
+        "trainer.limit_val_batches=1",
+        "trainer.image_every=0",
+        "trainer.log_every=1000",
+        "data.num_classes=8",
+    ]
     if cpu:
         model += ["model.width=0.25", "data.image_size=64", "trainer.device=cpu"]
     runs = {
-        "shards": ["data=imagenet", "data.format=shards", f"data.root={tmp / 'shards'}", "data.workers=2" if cpu else
-                   f"data.workers={max(1, (os.cpu_count() or 2) - 2)}"],
-        "in_memory": ["data=synthetic", f"data.train_size={images}", "data.val_size=32",
-                      "data.image_size=64" if cpu else "data.image_size=224", "data.mean=[0.5,0.5,0.5]"],
-    }  # fmt: skip
+        "shards": [
+            "data=imagenet",
+            "data.format=shards",
+            f"data.root={tmp / 'shards'}",
+            "data.workers=2" if cpu else f"data.workers={max(1, (os.cpu_count() or 2) - 2)}",
+        ],
+        "in_memory": [
+            "data=synthetic",
+            f"data.train_size={images}",
+            "data.val_size=32",
+            "data.image_size=64" if cpu else "data.image_size=224",
+            "data.mean=[0.5,0.5,0.5]",
+        ],
+    }
     if not cpu:
         runs["shards decoded on the GPU"] = [*runs["shards"], "data.decode=device"]
     for name, overrides in runs.items():
@@ -202,12 +264,18 @@ def main(argv=None) -> int:
     parser.add_argument("--data-root", help="Fashion-MNIST folder for the quickstart (default: its usual lookup)")
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--reps", type=int, default=10, help="timed repetitions of the training-step benchmark")
-    parser.add_argument("--steps", nargs="*", default=list(DEFAULT_STEPS), choices=STEPS,
-                        help=f"steps to run (default: {' '.join(DEFAULT_STEPS)})")  # fmt: skip
+    parser.add_argument(
+        "--steps",
+        nargs="*",
+        default=list(DEFAULT_STEPS),
+        choices=STEPS,
+        help=f"steps to run (default: {' '.join(DEFAULT_STEPS)})",
+    )
     parser.add_argument("--no-precompile", action="store_true", help="train_step compiles its variants itself")
     parser.add_argument("--variants", nargs="*", help="train_step variants (default: TRAIN_STEP_VARIANTS)")
-    parser.add_argument("--candidates", nargs="*", help="quickstart runs: 'defaults' and names of CANDIDATES "
-                        "(default: QUICKSTART_RUNS)")  # fmt: skip
+    parser.add_argument(
+        "--candidates", nargs="*", help="quickstart runs: 'defaults' and names of CANDIDATES (default: QUICKSTART_RUNS)"
+    )
     args = parser.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -234,36 +302,57 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             for name, overrides in runs.items():
                 run_dir = Path(tmp) / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
-                cmd = [py, "train.py", *quickstart_overrides(args.cpu, args.data_root), *overrides,
-                       f"hydra.run.dir={run_dir}"]  # fmt: skip
+                cmd = [
+                    py,
+                    "train.py",
+                    *quickstart_overrides(args.cpu, args.data_root),
+                    *overrides,
+                    f"hydra.run.dir={run_dir}",
+                ]
                 limit = 150 if args.cpu else LIMITS.get(f"quickstart {name}", LIMITS["quickstart"])
                 entry = run_step("quickstart " + name, cmd, limit, out, env)
                 results = run_dir / "results.json"
                 if results.exists():
                     r = json.loads(results.read_text())
-                    entry.update({k: r[k] for k in ("top1", "top5", "train_img_per_s", "warmup_s", "train_s", "wall_s",
-                                                    "epochs")})  # fmt: skip
+                    entry.update(
+                        {
+                            k: r[k]
+                            for k in ("top1", "top5", "train_img_per_s", "warmup_s", "train_s", "wall_s", "epochs")
+                        }
+                    )
                     entry["settings"] = r["settings"]
                 report["quickstart"][name] = entry
                 save()
 
     if "train_step" in args.steps:
         figures_dir = Path(tempfile.mkdtemp())
-        arch, size, batch, device = (
-            ("resnet18", "32", "2", "cpu") if args.cpu else (args.arch, "224", "256", "cuda")
-        )  # fmt: skip
+        arch, size, batch, device = ("resnet18", "32", "2", "cpu") if args.cpu else (args.arch, "224", "256", "cuda")
         variants = [v.format(arch=arch) for v in (args.variants or TRAIN_STEP_VARIANTS)]
         if args.cpu:  # CUDA graphs need CUDA
             variants = [v for v in variants if "reduce-overhead" not in v]
-        bench = [py, "scripts/bench_attention.py", "--arch", arch, "--image-size", size, "--batch", batch, "--device",
-                 device, "--measure", "train"]  # fmt: skip
+        bench = [
+            py,
+            "scripts/bench_attention.py",
+            "--arch",
+            arch,
+            "--image-size",
+            size,
+            "--batch",
+            batch,
+            "--device",
+            device,
+            "--measure",
+            "train",
+        ]
         if not args.cpu:
             bench += ["--amp", "bf16", "--channels-last"]
         compiled = [v for v in variants if "@" in v or v.endswith("(default)")]  # (default): compiled on CUDA
         precompile = {}
         if compiled and not args.no_precompile:
-            jobs = {f"precompile {v}": [*bench, "--first-step-only", "--json", str(figures_dir / f"{i}.json"), "--only",
-                                        v] for i, v in enumerate(compiled)}  # fmt: skip
+            jobs = {
+                f"precompile {v}": [*bench, "--first-step-only", "--json", str(figures_dir / f"{i}.json"), "--only", v]
+                for i, v in enumerate(compiled)
+            }
             precompile = run_steps(jobs, 600 if args.cpu else LIMITS["precompile"], out, env)
             for i, v in enumerate(compiled):
                 figures = figures_dir / f"{i}.json"
@@ -271,8 +360,19 @@ def main(argv=None) -> int:
                     precompile[f"precompile {v}"].update(json.loads(figures.read_text()))
         bench_json = figures_dir / "train_step.json"
         first_step_limit = 300 if args.cpu else LIMITS["first_step"]
-        cmd = [*bench, "--reps", str(2 if args.cpu else args.reps), "--warmup", "1", "--first-step-limit",
-               str(first_step_limit), "--json", str(bench_json), "--only", *variants]  # fmt: skip
+        cmd = [
+            *bench,
+            "--reps",
+            str(2 if args.cpu else args.reps),
+            "--warmup",
+            "1",
+            "--first-step-limit",
+            str(first_step_limit),
+            "--json",
+            str(bench_json),
+            "--only",
+            *variants,
+        ]
         report["train_step"] = run_step("train_step", cmd, 600 if args.cpu else LIMITS["train_step"], out, env)
         if bench_json.exists():
             report["train_step"].update(json.loads(bench_json.read_text()))
@@ -281,18 +381,44 @@ def main(argv=None) -> int:
 
     if "ddp_step" in args.steps:
         figures = out / "ddp_step.json"
-        steps = ["trainer.epochs=1", "trainer.limit_train_batches=8" if args.cpu else "trainer.limit_train_batches=60",
-                 "trainer.log_every=4" if args.cpu else "trainer.log_every=20", "trainer.image_every=0"]  # fmt: skip
-        cmd = [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "scripts/count_syncs.py",
-               "--json", str(figures), "--", *quickstart_overrides(args.cpu, args.data_root), *steps]  # fmt: skip
+        steps = [
+            "trainer.epochs=1",
+            "trainer.limit_train_batches=8" if args.cpu else "trainer.limit_train_batches=60",
+            "trainer.log_every=4" if args.cpu else "trainer.log_every=20",
+            "trainer.image_every=0",
+        ]
+        cmd = [
+            py,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=1",
+            "scripts/count_syncs.py",
+            "--json",
+            str(figures),
+            "--",
+            *quickstart_overrides(args.cpu, args.data_root),
+            *steps,
+        ]
         report["ddp_step"] = run_step("ddp_step", cmd, 300 if args.cpu else LIMITS["ddp_step"], out, env)
         if figures.exists():
             report["ddp_step"].update(json.loads(figures.read_text()))
         save()
 
     if "cuda_tests" in args.steps and not args.cpu:
-        cmd = [py, "-m", "pytest", "-q", "-rs", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_fused.py",
-               "tests/test_image_data.py"]  # fmt: skip
+        cmd = [
+            py,
+            "-m",
+            "pytest",
+            "-q",
+            "-rs",
+            "-m",
+            "cuda",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_fused.py",
+            "tests/test_image_data.py",
+        ]
         report["cuda_tests"] = run_step("cuda_tests", cmd, LIMITS["cuda_tests"], out, env)
         save()
 

@@ -64,8 +64,10 @@ def readme_table() -> str:
     for row in TABLE4:
         if row.arch in ("resnet18", "resnet50") and row.attention in ("none", "se", "cbam"):
             params, gmacs = measure(row.arch, row.attention)
-            lines.append(f"| {row.arch} | {row.attention} | {params:.3f} | {_fmt(row.params_m, 2)} | {gmacs:.4f} | "
-                         f"{_fmt(row.gmacs, 3)} |")  # fmt: skip
+            lines.append(
+                f"| {row.arch} | {row.attention} | {params:.3f} | {_fmt(row.params_m, 2)} | {gmacs:.4f} | "
+                f"{_fmt(row.gmacs, 3)} |"
+            )
     return "\n".join(lines)
 
 

@@ -99,8 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoints", nargs="+", type=Path, help="checkpoints (.pt), one column group each")
     parser.add_argument("--images", nargs="+", required=True, help="image files or folders of images")
     parser.add_argument("--out", type=Path, required=True, help="the figure (.png, .pdf or .svg)")
-    parser.add_argument("--blocks", nargs="+", help="blocks whose spatial maps to show, e.g. layer3.1 layer4.1 "
-                        "(default: the last block of each resolution)")  # fmt: skip
+    parser.add_argument(
+        "--blocks",
+        nargs="+",
+        help="blocks whose spatial maps to show, e.g. layer3.1 layer4.1 (default: the last block of each resolution)",
+    )
     parser.add_argument("--labels", nargs="+", help="column labels, one per checkpoint (default: arch + attention)")
     args = parser.parse_args(argv)
     if args.labels and len(args.labels) != len(args.checkpoints):

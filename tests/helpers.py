@@ -21,9 +21,13 @@ def run(script: str, *overrides: str, check: bool = True, timeout: int = 600) ->
     """Run ``train.py`` / ``eval.py`` as a user would; fail with its output when it fails."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="0")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / script), *overrides], cwd=ROOT, env=env, capture_output=True, text=True,
+        [sys.executable, str(ROOT / script), *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=timeout,
-    )  # fmt: skip
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(overrides)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -66,8 +70,16 @@ def train_here(run_dir: Path, *overrides: str, stop=None) -> dict | None:
 
 def torchrun(run_dir, *overrides):
     """``train.py`` in two processes under ``torchrun`` (gloo on the CPU)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
-           f"hydra.run.dir={run_dir}", *overrides]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "train.py"),
+        f"hydra.run.dir={run_dir}",
+        *overrides,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -78,14 +90,16 @@ def train(run_dir: Path, *overrides: str, **kwargs) -> subprocess.CompletedProce
     return run("train.py", f"hydra.run.dir={run_dir}", *overrides, **kwargs)
 
 
-def sigterm_after_output(cmd: list[str], marker: str, env: dict | None = None, timeout: float = 120,
-                         group: bool = False):  # fmt: skip
+def sigterm_after_output(
+    cmd: list[str], marker: str, env: dict | None = None, timeout: float = 120, group: bool = False
+):
     """Start ``cmd``, send SIGTERM as soon as a line of its output contains ``marker``; (output, exit
     status, seconds from the signal to the exit). ``group``: to every process the command started (its
     own process group), as SLURM signals a job's processes."""
     env = dict(os.environ, PYTHONUNBUFFERED="1") if env is None else env
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=group)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=group
+    )
     lines, deadline = [], time.time() + timeout
     while not any(marker in line for line in lines):
         line = proc.stdout.readline()

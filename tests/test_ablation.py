@@ -17,8 +17,15 @@ from helpers import ROOT, results, run
 
 pytestmark = pytest.mark.any_torch  # sweeps and the ablation table's output
 
-TINY_SWEEP = ["data=synthetic", "data.train_size=16", "data.val_size=8", "trainer.batch_size=8", "trainer.epochs=1",
-              "trainer.limit_train_batches=1", "trainer.image_every=0"]  # fmt: skip
+TINY_SWEEP = [
+    "data=synthetic",
+    "data.train_size=16",
+    "data.val_size=8",
+    "trainer.batch_size=8",
+    "trainer.epochs=1",
+    "trainer.limit_train_batches=1",
+    "trainer.image_every=0",
+]
 
 
 def launched(sweep_dir):
@@ -38,8 +45,15 @@ def launched(sweep_dir):
 def test_paper_table_sweep_launches_exactly_its_variants(tmp_path, table):
     width = [] if table == 5 else ["model.width=0.25"]
     seeds = (0, 1) if table == 3 else (0,)  # the seed axis is tested on table 3
-    run("train.py", "-m", f"experiment=paper/table{table}", *TINY_SWEEP, *width, f"seed={','.join(map(str, seeds))}",
-        f"hydra.sweep.dir={tmp_path}")  # fmt: skip
+    run(
+        "train.py",
+        "-m",
+        f"experiment=paper/table{table}",
+        *TINY_SWEEP,
+        *width,
+        f"seed={','.join(map(str, seeds))}",
+        f"hydra.sweep.dir={tmp_path}",
+    )
     expected = {(r.arch, r.attention, r.width if table == 5 else 0.25, s) for r in TABLES[table] for s in seeds}
     jobs = launched(tmp_path)
     assert sorted(jobs) == sorted(expected)
@@ -56,8 +70,16 @@ def test_paper_table_sweep_launches_exactly_its_variants(tmp_path, table):
 @pytest.mark.slow
 def test_ablation_table_on_a_real_multirun(tmp_path):
     sweep = tmp_path / "sweep"
-    run("train.py", "-m", "experiment=smoke", "model.width=0.25", "trainer.epochs=2", "attention=none,se",
-        "seed=0,1,2", f"hydra.sweep.dir={sweep}")  # fmt: skip
+    run(
+        "train.py",
+        "-m",
+        "experiment=smoke",
+        "model.width=0.25",
+        "trainer.epochs=2",
+        "attention=none,se",
+        "seed=0,1,2",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == sorted(
         f"attention={a},seed={s}" for a in ("none", "se") for s in range(3)
     )  # named by what the sweep varies
@@ -69,12 +91,25 @@ def test_ablation_table_on_a_real_multirun(tmp_path):
     assert {h.name for h in experiment.hparam_infos if h.differs} == {"attention", "seed"}
     failed = tmp_path / "failed"
     # lr 1e30 diverges at once; the skipped steps in a row reach trainer.max_nonfinite_steps (10) in epoch 2
-    proc = run("train.py", "experiment=smoke", "model.width=0.25", "attention=se", "optim.lr=1e30",
-               "optim.momentum=0", f"hydra.run.dir={failed}", check=False)  # fmt: skip
+    proc = run(
+        "train.py",
+        "experiment=smoke",
+        "model.width=0.25",
+        "attention=se",
+        "optim.lr=1e30",
+        "optim.momentum=0",
+        f"hydra.run.dir={failed}",
+        check=False,
+    )
     assert proc.returncode == 2
     out = tmp_path / "report"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "ablation_table.py"), str(sweep), str(failed),
-                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT, check=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "ablation_table.py"), str(sweep), str(failed), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
     header = proc.stdout.splitlines()[0]
     assert "| attention |" in header and "| seed |" not in header and "| name |" not in header and "pool" not in header
     assert "failed (non-finite: the loss or the gradients were not finite in the last" in proc.stdout
@@ -103,10 +138,25 @@ def test_failing_jobs_do_not_stop_a_sweep(tmp_path):
     folder says how it ended, the end of the sweep lists the failures, the command exits 1."""
     sweep = tmp_path / "sweep"
     # 4 steps: enough for lr 1e30 to diverge, and its updates to be skipped twice in a row
-    tiny = ["data.train_size=32", "data.val_size=8", "trainer.batch_size=8", "trainer.epochs=1",
-            "trainer.image_every=0", "optim.momentum=0", "trainer.max_nonfinite_steps=2"]  # fmt: skip
-    proc = run("train.py", "-m", "experiment=smoke", *tiny, "model.width=-1,0.25", "optim.lr=0.1,1e30",
-               f"hydra.sweep.dir={sweep}", check=False)  # fmt: skip
+    tiny = [
+        "data.train_size=32",
+        "data.val_size=8",
+        "trainer.batch_size=8",
+        "trainer.epochs=1",
+        "trainer.image_every=0",
+        "optim.momentum=0",
+        "trainer.max_nonfinite_steps=2",
+    ]
+    proc = run(
+        "train.py",
+        "-m",
+        "experiment=smoke",
+        *tiny,
+        "model.width=-1,0.25",
+        "optim.lr=0.1,1e30",
+        f"hydra.sweep.dir={sweep}",
+        check=False,
+    )
     text = proc.stdout + proc.stderr
     assert proc.returncode == 1, text
     statuses = {job.name: json.loads((job / "status.json").read_text()) for job in sweep.iterdir() if job.is_dir()}

@@ -75,8 +75,14 @@ def run_with(script, run_dir, *overrides):
     import subprocess
 
     env = dict(os.environ, CBAM_FUSED_KERNELS="compiled", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, str(script), f"hydra.run.dir={run_dir}", *overrides], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(script), f"hydra.run.dir={run_dir}", *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _grads(model, x, y, compiled: bool, dtype=None):

@@ -41,8 +41,11 @@ def test_every_option_composes_and_writes_only_its_own_group():
     550 combinations themselves took two minutes to compose."""
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         default = OmegaConf.to_container(compose("train"))
-        selected = {"model": lambda c: c.model.arch.value, "attention": lambda c: c.attention.name,
-                    "data": lambda c: c.data.name.value}  # fmt: skip
+        selected = {
+            "model": lambda c: c.model.arch.value,
+            "attention": lambda c: c.attention.name,
+            "data": lambda c: c.data.name.value,
+        }
         for group, selected_name in selected.items():
             for option in options(group):
                 cfg = compose("train", overrides=[f"{group}={option}"])
@@ -121,8 +124,11 @@ def test_schemas_are_not_options_of_their_group(group):
 def test_help_lists_only_real_options():
     from helpers import run
 
-    groups = {line.split(":")[0]: line.split(": ")[1].split(", ")
-              for line in run("train.py", "--help").stdout.splitlines() if ": " in line and "," in line}  # fmt: skip
+    groups = {
+        line.split(":")[0]: line.split(": ")[1].split(", ")
+        for line in run("train.py", "--help").stdout.splitlines()
+        if ": " in line and "," in line
+    }
     assert groups["attention"] == sorted(PRESETS) and groups["model"] == sorted(ARCHS)
     assert not any(option.startswith("base_") for options in groups.values() for option in options)
 
@@ -163,8 +169,9 @@ def test_a_new_preset_backbone_data_set_and_logger_each_need_one_registry_entry(
     try:
         from engine.trainer import Trainer
 
-        config = compose_train("experiment=smoke", "model.width=0.25", "trainer.epochs=1", "trainer.image_every=1",
-                               "trainer.device=cpu")  # fmt: skip
+        config = compose_train(
+            "experiment=smoke", "model.width=0.25", "trainer.epochs=1", "trainer.image_every=1", "trainer.device=cpu"
+        )
         config["data"]["name"], config["logger"]["name"] = "test_set", "test_logger"
         config["model"]["arch"], config["attention"] = "resnet10_test", dataclasses.asdict(gate)
         results = Trainer(config, tmp_path).fit()
@@ -177,11 +184,24 @@ def test_a_new_preset_backbone_data_set_and_logger_each_need_one_registry_entry(
 def test_run_overrides_keep_what_changes_the_training():
     from engine.config import run_overrides
 
-    given = ["experiment=smoke", "attention=cbam", "+model.drop_rate=0.1", "hydra.run.dir=/x", "data.root=/d",
-             "paths.log_dir=/l", "optim.lr=0.05", "name=foo", "resume=auto", "model=resnet50"]  # fmt: skip
-    assert run_overrides(given) == [("attention", "attention.name", "cbam"),
-                                    ("model.drop_rate", "model.drop_rate", "0.1"),
-                                    ("optim.lr", "optim.lr", "0.05"), ("model", "model.arch", "resnet50")]  # fmt: skip
+    given = [
+        "experiment=smoke",
+        "attention=cbam",
+        "+model.drop_rate=0.1",
+        "hydra.run.dir=/x",
+        "data.root=/d",
+        "paths.log_dir=/l",
+        "optim.lr=0.05",
+        "name=foo",
+        "resume=auto",
+        "model=resnet50",
+    ]
+    assert run_overrides(given) == [
+        ("attention", "attention.name", "cbam"),
+        ("model.drop_rate", "model.drop_rate", "0.1"),
+        ("optim.lr", "optim.lr", "0.05"),
+        ("model", "model.arch", "resnet50"),
+    ]
 
 
 def test_a_sweep_job_is_named_by_what_the_sweep_varies(monkeypatch):

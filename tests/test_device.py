@@ -30,8 +30,12 @@ def test_compile_choice():
 
 def test_run_records_what_auto_resolved_to(tmp_path):
     train_here(tmp_path, "experiment=smoke", *TINY, "trainer.epochs=1", "trainer.image_every=0", "trainer.device=cpu")
-    assert results(tmp_path)["settings"] == {"amp": "float32", "tf32": False, "compile": "off",
-                                             "attention_impl": "fused"}  # fmt: skip
+    assert results(tmp_path)["settings"] == {
+        "amp": "float32",
+        "tf32": False,
+        "compile": "off",
+        "attention_impl": "fused",
+    }
 
 
 @pytest.mark.any_torch  # Hydra's check of a choice

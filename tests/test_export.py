@@ -59,14 +59,25 @@ def test_a_file_that_differs_from_pytorch_is_not_kept(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("export_run")
-    train(run_dir, "experiment=smoke", "trainer.epochs=1", "data.train_size=64", "data.val_size=32",
-          "trainer.image_every=0")  # fmt: skip
+    train(
+        run_dir,
+        "experiment=smoke",
+        "trainer.epochs=1",
+        "data.train_size=64",
+        "data.val_size=32",
+        "trainer.image_every=0",
+    )
     return run_dir / "checkpoints" / "last.pt"
 
 
 def export_script(*args):
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "export.py"), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "export.py"), *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_export_script_writes_a_checked_file(checkpoint, tmp_path):

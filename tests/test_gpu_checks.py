@@ -13,8 +13,9 @@ from helpers import ROOT
 @pytest.mark.slow
 def test_gpu_check_cpu_mode_writes_every_figure(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path), GPU_CHECKS_LIMIT="1200")
-    proc = subprocess.run(["bash", "scripts/gpu_checks.sh", "--cpu"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=1300)  # fmt: skip
+    proc = subprocess.run(
+        ["bash", "scripts/gpu_checks.sh", "--cpu"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1300
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((tmp_path / "gpu_checks.json").read_text())
     assert report["mode"] == "cpu" and report["environment"]["torch"]
@@ -26,8 +27,13 @@ def test_gpu_check_cpu_mode_writes_every_figure(tmp_path):
     step = report["train_step"]
     assert step["status"] == "ok" and not step["dropped"]
     # on the CPU the defaults are eager: "none (default)" is "none", "cbam (default)" the fused Function
-    assert set(step["variants"]) == {"none", "cbam (reference)", "timm resnet18-cbam", "cbam (fused)",
-                                     "timm resnet18-cbam@default"}  # fmt: skip
+    assert set(step["variants"]) == {
+        "none",
+        "cbam (reference)",
+        "timm resnet18-cbam",
+        "cbam (fused)",
+        "timm resnet18-cbam@default",
+    }
     for name, figures in step["variants"].items():
         assert figures["train"]["img_per_s"] > 0 and figures["first_step_s"] > 0, name
     assert step["variants"]["none"]["train"]["ratio"] == 1.0

@@ -71,8 +71,19 @@ def write_tree(root: Path, classes: int = 3, train_per_class: int = 8, val_per_c
 
 
 def image_config(root: Path, fmt: str = "folder", **extra) -> dict:
-    cfg = dict(name="imagenet", root=str(root), format=fmt, num_classes=3, in_chans=3, image_size=32, eval_size=0,
-               resize_size=36, mean=MEAN, std=STD, workers=0)  # fmt: skip
+    cfg = dict(
+        name="imagenet",
+        root=str(root),
+        format=fmt,
+        num_classes=3,
+        in_chans=3,
+        image_size=32,
+        eval_size=0,
+        resize_size=36,
+        mean=MEAN,
+        std=STD,
+        workers=0,
+    )
     return {**cfg, **extra}
 
 
@@ -173,8 +184,10 @@ def test_progressive_resolution_is_ffcvs():
         sizes = [train_resolution(e, 192, 160, ramp) for e in range(epochs)]
         assert sizes[: ramp[0] + 1] == [160] * (ramp[0] + 1) and sizes[ramp[1] :] == [192] * (epochs - ramp[1])
         assert all(s in (160, 192) for s in sizes)
-        expected = [160 if e <= ramp[0] else 192 if e >= ramp[1] else
-                    int(np.round(np.interp(e, ramp, [160, 192]) / 32)) * 32 for e in range(epochs)]  # fmt: skip
+        expected = [
+            160 if e <= ramp[0] else 192 if e >= ramp[1] else int(np.round(np.interp(e, ramp, [160, 192]) / 32)) * 32
+            for e in range(epochs)
+        ]
         assert sizes == expected
     assert [train_resolution(e, 224) for e in range(3)] == [224] * 3
 
@@ -197,11 +210,13 @@ def test_shards_round_trip_every_image_and_label(tree, shards):
             assert max(pixels.shape[-2:]) == min(64, max(source.shape[-2:]))
             scale = pixels.shape[-1] / source.shape[-1]
             assert abs(pixels.shape[-2] - source.shape[-2] * scale) <= 1  # aspect ratio kept
-            shrunk = torch.nn.functional.interpolate(source[None].float(), size=pixels.shape[-2:], mode="bilinear",
-                                                     antialias=True)[0]  # fmt: skip
+            shrunk = torch.nn.functional.interpolate(
+                source[None].float(), size=pixels.shape[-2:], mode="bilinear", antialias=True
+            )[0]
             # as close to the shrunk original as PIL's own JPEG of quality 90 of it is
-            reference = pil_rgb(io.BytesIO(jpeg(Image.fromarray(shrunk.round().byte().permute(1, 2, 0).numpy()),
-                                                quality=90)))  # fmt: skip
+            reference = pil_rgb(
+                io.BytesIO(jpeg(Image.fromarray(shrunk.round().byte().permute(1, 2, 0).numpy()), quality=90))
+            )
             assert psnr(pixels, shrunk) > psnr(reference, shrunk) - 1
     meta = json.loads((shards / "train" / "meta.json").read_text())
     assert meta["options"] == {"max_side": 64, "quality": 90, "shard_size": 7}
@@ -234,8 +249,11 @@ def test_a_missing_or_truncated_shard_is_refused_with_its_name_and_the_fix(shard
         shard.unlink()
     else:
         shard.write_bytes(shard.read_bytes()[:1000])
-    with pytest.raises(DataError, match=rf"shard .*shard-000002\.tar is {damage}.*Fix: delete it and run python "
-                                        r"scripts/prepare_data.py SRC DST again"):  # fmt: skip
+    with pytest.raises(
+        DataError,
+        match=rf"shard .*shard-000002\.tar is {damage}.*Fix: delete it and run python "
+        r"scripts/prepare_data.py SRC DST again",
+    ):
         ShardSource(dst / "train")
 
 
@@ -326,8 +344,15 @@ def _rank_batches(rank: int, roots: dict, out: str) -> None:
 
     mine = {}
     for fmt, root in roots.items():
-        train, _ = build(image_config(Path(root), fmt, workers=1), 2, 2, seed=5, device="cpu",
-                         rank=dist.get_rank(), world_size=dist.get_world_size())  # fmt: skip
+        train, _ = build(
+            image_config(Path(root), fmt, workers=1),
+            2,
+            2,
+            seed=5,
+            device="cpu",
+            rank=dist.get_rank(),
+            world_size=dist.get_world_size(),
+        )
         mine[fmt] = list(train.batches(epoch=3))
         train.close()
     gathered = [None, None]
@@ -375,8 +400,17 @@ def test_decoding_on_the_device_gives_the_batches_of_the_workers(tree, device):
 
 
 # ---- through the trainer and eval.py -------------------------------------------------------------------
-IMAGENET = ["data=imagenet", "data.num_classes=3", "data.image_size=32", "data.resize_size=36", "data.workers=2",
-            "trainer.batch_size=6", "trainer.epochs=2", "trainer.image_every=1", *TINY]  # fmt: skip
+IMAGENET = [
+    "data=imagenet",
+    "data.num_classes=3",
+    "data.image_size=32",
+    "data.resize_size=36",
+    "data.workers=2",
+    "trainer.batch_size=6",
+    "trainer.epochs=2",
+    "trainer.image_every=1",
+    *TINY,
+]
 
 
 @pytest.mark.parametrize("fmt", ["folder", "shards"])
@@ -404,8 +438,16 @@ def test_progressive_training_changes_the_crop_and_evaluates_at_its_own_size(sha
         return real_step(self, x, y)
 
     monkeypatch.setattr(trainer_module.Trainer, "train_step", recording_step)
-    overrides = [*IMAGENET, f"data.root={shards}", "data.format=shards", "trainer.epochs=3", "data.image_size=64",
-                 "data.progressive_from=32", "data.progressive_epochs=[0,2]", "data.eval_size=48"]  # fmt: skip
+    overrides = [
+        *IMAGENET,
+        f"data.root={shards}",
+        "data.format=shards",
+        "trainer.epochs=3",
+        "data.image_size=64",
+        "data.progressive_from=32",
+        "data.progressive_epochs=[0,2]",
+        "data.eval_size=48",
+    ]
     r = train_here(tmp_path / "run", *overrides)
     assert sorted({(e, s) for e, s in seen}) == [(0, 32), (1, 64), (2, 64)]  # 48 rounds to 64 (multiples of 32)
     assert r["epochs"] == 3
@@ -413,8 +455,16 @@ def test_progressive_training_changes_the_crop_and_evaluates_at_its_own_size(sha
 
 
 def test_scripts_make_image_folder_writes_imagenet_like_jpegs(tmp_path):
-    run("scripts/make_image_folder.py", str(tmp_path), "--classes", "2", "--train-per-class", "5",
-        "--val-per-class", "1")  # fmt: skip
+    run(
+        "scripts/make_image_folder.py",
+        str(tmp_path),
+        "--classes",
+        "2",
+        "--train-per-class",
+        "5",
+        "--val-per-class",
+        "1",
+    )
     files = sorted(tmp_path.rglob("*.JPEG"))
     assert len(files) == 12
     sizes = []

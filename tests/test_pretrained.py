@@ -150,6 +150,12 @@ def test_train_py_starts_from_pretrained_weights(tmp_path):
     first = tmp_path / "first"
     train(first, "experiment=smoke", *TINY, "trainer.epochs=1", "trainer.image_every=0")
     second = tmp_path / "second"
-    train(second, "experiment=smoke", *TINY, "trainer.epochs=1", "trainer.image_every=0",
-          f"model.pretrained={first / 'checkpoints' / 'last.pt'}")  # fmt: skip
+    train(
+        second,
+        "experiment=smoke",
+        *TINY,
+        "trainer.epochs=1",
+        "trainer.image_every=0",
+        f"model.pretrained={first / 'checkpoints' / 'last.pt'}",
+    )
     assert results(second)["history"][0]["train"]["loss"] < results(first)["history"][0]["train"]["loss"]

@@ -52,9 +52,13 @@ def test_imagenet_fast_is_ffcvs_resnet50_recipe(epochs, ramp):
         assert (id(p) in decayed) == (p.ndim > 1), name
     # BlurPool where FFCV's apply_blurpool puts it: strided convs of 16 or more input channels
     blurred = [n for n, m in model.named_modules() if type(m).__name__ == "BlurConv2d"]
-    expected = [n for n, m in build_model({**config, "model": {**config["model"], "blurpool": False}},
-                                          pretrained=False).named_modules()
-                if isinstance(m, torch.nn.Conv2d) and max(m.stride) > 1 and m.in_channels >= 16]  # fmt: skip
+    expected = [
+        n
+        for n, m in build_model(
+            {**config, "model": {**config["model"], "blurpool": False}}, pretrained=False
+        ).named_modules()
+        if isinstance(m, torch.nn.Conv2d) and max(m.stride) > 1 and m.in_channels >= 16
+    ]
     assert blurred == expected and len(blurred) == 6
 
 

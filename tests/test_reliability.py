@@ -61,8 +61,9 @@ def _command(run_dir, *overrides) -> list[str]:
 
 
 def _start(run_dir, *overrides):
-    return subprocess.Popen(_command(run_dir, *overrides), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)  # fmt: skip
+    return subprocess.Popen(
+        _command(run_dir, *overrides), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _wait_for_checkpoint(run_dir, proc, timeout=120):
@@ -212,8 +213,14 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     """Two epochs of the same global batch: 2 processes (gloo, synchronised BN) and 1 process agree to
     float precision. Summation order differs between the two, and SGD amplifies such rounding
     differences step by step; at lr 0.01 over 16 steps they stay around 1e-5."""
-    common = ["experiment=smoke", *TINY, "trainer.sync_bn=true", "trainer.batch_size=64", "trainer.image_every=0",
-              "optim.lr=0.01"]  # fmt: skip
+    common = [
+        "experiment=smoke",
+        *TINY,
+        "trainer.sync_bn=true",
+        "trainer.batch_size=64",
+        "trainer.image_every=0",
+        "optim.lr=0.01",
+    ]
     train(tmp_path / "single", *common)
     torchrun(tmp_path / "ddp", *common)
     single, ddp = results(tmp_path / "single"), results(tmp_path / "ddp")

@@ -15,8 +15,14 @@ from engine.distributed import first_host, slurm_to_torchrun_env
 from engine.sweep import read_status, write_status
 from helpers import ROOT, TINY, assert_equal_tree, results, torchrun
 
-COMMON = ["experiment=smoke", *TINY, "trainer.sync_bn=true", "trainer.batch_size=64", "trainer.image_every=0",
-          "optim.lr=0.01"]  # fmt: skip
+COMMON = [
+    "experiment=smoke",
+    *TINY,
+    "trainer.sync_bn=true",
+    "trainer.batch_size=64",
+    "trainer.image_every=0",
+    "optim.lr=0.01",
+]
 
 
 def test_first_host_of_a_slurm_host_list():
@@ -26,8 +32,13 @@ def test_first_host_of_a_slurm_host_list():
 
 
 def test_slurm_variables_become_torchrun_variables():
-    env = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123",
-           "SLURM_JOB_NODELIST": "gpu[07-08]"}  # fmt: skip
+    env = {
+        "SLURM_PROCID": "9",
+        "SLURM_NTASKS": "16",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_ID": "123",
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+    }
     assert slurm_to_torchrun_env(env)
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("9", "16", "1")
     assert env["MASTER_ADDR"] == "gpu07" and env["MASTER_PORT"] == "20123"
@@ -51,16 +62,30 @@ def test_only_rank_0_writes_the_run_status(tmp_path, monkeypatch):
 
 def slurm_tasks(run_dir, *overrides, job_id: int, extra_env=None):
     """Two train.py processes as the two tasks of one single-node SLURM job."""
-    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}  # fmt: skip
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     procs = []
     for task in range(2):
-        env = dict(base, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", SLURM_PROCID=str(task), SLURM_NTASKS="2",
-                   SLURM_LOCALID=str(task), SLURM_NODEID="0", SLURM_JOB_ID=str(job_id), SLURM_JOB_NODELIST="localhost",
-                   SLURM_NNODES="1", **(extra_env or {}))  # fmt: skip
+        env = dict(
+            base,
+            OMP_NUM_THREADS="1",
+            PYTHONUNBUFFERED="1",
+            SLURM_PROCID=str(task),
+            SLURM_NTASKS="2",
+            SLURM_LOCALID=str(task),
+            SLURM_NODEID="0",
+            SLURM_JOB_ID=str(job_id),
+            SLURM_JOB_NODELIST="localhost",
+            SLURM_NNODES="1",
+            **(extra_env or {}),
+        )
         cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *overrides]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))  # fmt: skip
+        procs.append(
+            subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
     return procs
 
 
@@ -109,8 +134,11 @@ def test_preemption_requeues_and_the_requeued_job_ends_like_an_uninterrupted_one
     assert not (tmp_path / "preempted" / "results.json").exists()
     assert read_status(tmp_path / "preempted") == {"status": "stopped"}
     # the requeued job: same command (with resume=auto), SLURM_RESTART_COUNT=1
-    wait_all(slurm_tasks(tmp_path / "preempted", *exact, "resume=auto", job_id=job,
-                         extra_env={**path, "SLURM_RESTART_COUNT": "1"}))  # fmt: skip
+    wait_all(
+        slurm_tasks(
+            tmp_path / "preempted", *exact, "resume=auto", job_id=job, extra_env={**path, "SLURM_RESTART_COUNT": "1"}
+        )
+    )
     assert read_status(tmp_path / "preempted") == {"status": "finished"}
     a, b = results(tmp_path / "uninterrupted"), results(tmp_path / "preempted")
     assert a["history"] == b["history"]
@@ -123,8 +151,14 @@ def test_compiled_ddp_trains_as_eager_ddp_and_both_ranks_stop_together(tmp_path)
     """trainer.compile=true with two processes (DDP wrapped, then compiled; gloo on the CPU): under torchrun
     the same history as eager DDP to float precision; as two SLURM tasks, SIGTERM to both mid-epoch ends
     both within the grace period, at the same step, with one checkpoint."""
-    common = ["experiment=smoke", *TINY, "trainer.batch_size=64", "trainer.image_every=0", "optim.lr=0.01",
-              "attention.impl=reference"]  # fmt: skip
+    common = [
+        "experiment=smoke",
+        *TINY,
+        "trainer.batch_size=64",
+        "trainer.image_every=0",
+        "optim.lr=0.01",
+        "attention.impl=reference",
+    ]
     torchrun(tmp_path / "eager", *common, "trainer.compile=false")
     torchrun(tmp_path / "compiled", *common, "trainer.compile=true")
     eager, compiled = results(tmp_path / "eager"), results(tmp_path / "compiled")

@@ -82,9 +82,16 @@ def test_sigterm_during_evaluation_checkpoints_the_epoch_and_resume_finishes_it(
     within the grace period with a checkpoint of the trained epoch, and resume=auto evaluates and
     finishes that epoch without training it again."""
     run_dir = tmp_path / "run"
-    overrides = ["experiment=smoke", "trainer.log_every=1", "trainer.epochs=1", "data.train_size=128",
-                 "data.val_size=1500", "trainer.eval_batch_size=1", "trainer.image_every=0",
-                 "trainer.stop_grace_s=1"]  # 2 steps, then 1500 evaluation steps  # fmt: skip
+    overrides = [
+        "experiment=smoke",
+        "trainer.log_every=1",
+        "trainer.epochs=1",
+        "data.train_size=128",
+        "data.val_size=1500",
+        "trainer.eval_batch_size=1",
+        "trainer.image_every=0",
+        "trainer.stop_grace_s=1",
+    ]  # 2 steps, then 1500 evaluation steps
     cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *overrides]
     text, rc, elapsed = sigterm_after_output(cmd, "step 2/2")
     assert rc == 0 and elapsed < 30, f"exit {rc} after {elapsed:.1f} s:\n{text}"
@@ -114,8 +121,14 @@ def test_sigterm_during_a_cold_compile_ends_the_run_within_30s(tmp_path, what):
     overrides, marker = COLD_COMPILES[what]
     cold = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "CBAM_KERNEL_CACHE": str(tmp_path / "kernels")}
     env = dict(os.environ, PYTHONUNBUFFERED="1", CBAM_FUSED_KERNELS="compiled", **cold)
-    cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", "experiment=smoke", *TINY,
-           *overrides]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "experiment=smoke",
+        *TINY,
+        *overrides,
+    ]
     text, rc, elapsed = sigterm_after_output(cmd, marker, env)
     assert rc == 0, text
     assert elapsed < 30, f"exit took {elapsed:.1f} s:\n{text}"

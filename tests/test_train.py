@@ -34,8 +34,18 @@ def smoke_run(tmp_path_factory):
 
 def test_synthetic_run_writes_everything(smoke_run):
     r = results(smoke_run)
-    for key in ("top1", "top5", "top1_err", "top5_err", "best_top1", "params", "gmacs", "epochs", "wall_s",
-                "train_img_per_s"):  # fmt: skip
+    for key in (
+        "top1",
+        "top5",
+        "top1_err",
+        "top5_err",
+        "best_top1",
+        "params",
+        "gmacs",
+        "epochs",
+        "wall_s",
+        "train_img_per_s",
+    ):
         assert key in r, key
     assert r["epochs"] == 2 and r["status"] == "finished"
     assert r["top1"] + r["top1_err"] == pytest.approx(100) and r["top5"] >= r["top1"]
@@ -84,7 +94,12 @@ def test_hparams_show_the_key_fields_first_and_the_run_figures_as_metrics(smoke_
     assert names == ["arch", "attention", "lr", "batch_size", "epochs", "seed", "model.width", "trainer.log_every"]
     assert {h.name for h in experiment.hparam_infos if h.differs} == {"model.width", "trainer.log_every"}
     assert [m.name.tag for m in experiment.metric_infos] == [
-        "val/top1", "val/top5", "model/params_M", "model/GMACs", "throughput/train_img_per_s"]  # fmt: skip
+        "val/top1",
+        "val/top5",
+        "model/params_M",
+        "model/GMACs",
+        "throughput/train_img_per_s",
+    ]
     start = metadata.parse_session_start_info_plugin_data(plugin[metadata.SESSION_START_INFO_TAG])
     config = results(smoke_run)["config"]
     assert start.hparams["arch"].string_value == config["model"]["arch"] == "resnet18"
@@ -102,8 +117,10 @@ def test_custom_scalars_draw_training_and_validation_together(smoke_run):
     charts = {c.title: c.multiline.tag for cat in layout.category for c in cat.chart}
     assert list(charts)[:2] == ["top-1 (%)", "loss"]
     scalars = acc.Tags()["scalars"]
-    drawn = {title: sorted(t for t in scalars if any(re.search(rx, t) for rx in regexes))
-             for title, regexes in charts.items()}  # fmt: skip
+    drawn = {
+        title: sorted(t for t in scalars if any(re.search(rx, t) for rx in regexes))
+        for title, regexes in charts.items()
+    }
     assert drawn["top-1 (%)"] == ["train/top1", "val/top1"] and drawn["loss"] == ["train/loss", "val/loss"]
     assert drawn["learning rate"] == ["lr"]
     assert all(len(tags) == len(charts[title]) for title, tags in drawn.items()), drawn
@@ -125,8 +142,13 @@ def test_eval_writes_nothing_into_the_current_folder(smoke_run, tmp_path):
     import sys
 
     ckpt = smoke_run / "checkpoints" / "last.pt"
-    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), f"checkpoint={ckpt}"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "eval.py"), f"checkpoint={ckpt}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert list(tmp_path.iterdir()) == []
     assert (ckpt.parent / "eval_last.json").is_file()
@@ -138,8 +160,12 @@ def test_eval_refuses_bad_arguments_with_its_usage(smoke_run, tmp_path):
     text = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "Traceback" not in text
     assert "no checkpoint given. Usage: python eval.py checkpoint=PATH" in text
-    proc = run("eval.py", f"checkpoint={smoke_run / 'checkpoints' / 'last.pt'}", f"data_root={tmp_path / 'nowhere'}",
-               check=False)  # fmt: skip
+    proc = run(
+        "eval.py",
+        f"checkpoint={smoke_run / 'checkpoints' / 'last.pt'}",
+        f"data_root={tmp_path / 'nowhere'}",
+        check=False,
+    )
     assert proc.returncode == 2 and "is not a folder" in proc.stdout + proc.stderr
 
 
@@ -174,8 +200,13 @@ def test_same_run_dir_without_resume_is_refused(smoke_run):
 @pytest.mark.slow
 @needs_fmnist
 def test_short_real_fashion_mnist_run(tmp_path):
-    train(tmp_path, "experiment=quickstart", "trainer.epochs=1", "trainer.limit_train_batches=40",
-          "trainer.batch_size=128")  # fmt: skip
+    train(
+        tmp_path,
+        "experiment=quickstart",
+        "trainer.epochs=1",
+        "trainer.limit_train_batches=40",
+        "trainer.batch_size=128",
+    )
     r = results(tmp_path)
     assert r["history"][0]["val"]["samples"] == 10000  # the real test set
     assert r["top1"] > 50  # 40 steps of 128 images learn something real
@@ -231,8 +262,16 @@ def test_corrupt_cifar_is_refused_before_training(tmp_path):
 
 def test_cifar10_trains_from_pickles(tmp_path):
     write_cifar(tmp_path / "data", "cifar10")
-    train_here(tmp_path / "run", "data=cifar10", f"data.root={tmp_path / 'data'}", "data.download=false",
-               "data.verify=false", "trainer.epochs=1", "trainer.batch_size=25", *TINY)  # fmt: skip
+    train_here(
+        tmp_path / "run",
+        "data=cifar10",
+        f"data.root={tmp_path / 'data'}",
+        "data.download=false",
+        "data.verify=false",
+        "trainer.epochs=1",
+        "trainer.batch_size=25",
+        *TINY,
+    )
     assert results(tmp_path / "run")["history"][0]["val"]["samples"] == 20
 
 
@@ -264,6 +303,9 @@ def test_wrong_value_type(tmp_path):
 
 def test_checkpoint_of_another_architecture(smoke_run, tmp_path):
     ckpt = smoke_run / "checkpoints" / "last.pt"
-    with pytest.raises(CheckpointError, match=r"holds another architecture: .*attention\.spatial=True \(this run: "
-                                              r"False\).*Fix:"):  # fmt: skip
+    with pytest.raises(
+        CheckpointError,
+        match=r"holds another architecture: .*attention\.spatial=True \(this run: "
+        r"False\).*Fix:",
+    ):
         train_here(tmp_path, *SMOKE, "attention=se", f"resume={ckpt}")

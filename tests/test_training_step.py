@@ -82,12 +82,16 @@ def test_a_step_with_a_nan_changes_nothing_and_the_run_goes_on(tmp_path, poisone
 
 
 def test_steps_that_stay_non_finite_stop_the_run_with_a_checkpoint_of_finite_weights(tmp_path):
-    trainer = Trainer(compose("experiment=smoke", *TINY, "trainer.log_every=1", "trainer.max_nonfinite_steps=3"),
-                      tmp_path)  # fmt: skip
+    trainer = Trainer(
+        compose("experiment=smoke", *TINY, "trainer.log_every=1", "trainer.max_nonfinite_steps=3"), tmp_path
+    )
     _poison(trainer, set(range(4, 100)))
-    with pytest.raises(NonFiniteError, match=r"not finite in the last 3 steps \(up to step 7, epoch 1, batch 7\); "
-                                             r"their updates were skipped, and stopped with a checkpoint of the "
-                                             r"last finite weights, .*last\.pt\. Fix: lower optim\.lr"):  # fmt: skip
+    with pytest.raises(
+        NonFiniteError,
+        match=r"not finite in the last 3 steps \(up to step 7, epoch 1, batch 7\); "
+        r"their updates were skipped, and stopped with a checkpoint of the "
+        r"last finite weights, .*last\.pt\. Fix: lower optim\.lr",
+    ):
         trainer.fit()
     ckpt = final_checkpoint(tmp_path)
     assert ckpt["progress"]["global_step"] == 7

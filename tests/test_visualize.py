@@ -22,8 +22,9 @@ def cam_by_hand(model: nn.Module, images: torch.Tensor, classes: torch.Tensor) -
     """Class activation mapping: with global average pooling then a linear layer, y_c = sum_k w_ck mean(A_k) + b_c,
     so dy_c/dA_k = w_ck / (h w) everywhere and Grad-CAM is ReLU(sum_k w_ck A_k) / (h w)."""
     with torch.no_grad():
-        activation = model.layer4(model.layer3(model.layer2(model.layer1(model.maxpool(
-            model.relu(model.bn1(model.conv1(images))))))))  # fmt: skip
+        activation = model.layer4(
+            model.layer3(model.layer2(model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(images)))))))
+        )
         weights = model.fc.weight[classes]  # (N, K)
         h, w = activation.shape[-2:]
         return torch.relu(torch.einsum("nk,nkhw->nhw", weights, activation)) / (h * w)
@@ -118,8 +119,13 @@ def checkpoints(tmp_path_factory):
 
 
 def visualize(*args):
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "visualize.py"), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "visualize.py"), *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def predictions_by_hand(checkpoint, files) -> list[tuple[int, float]]:

@@ -151,8 +151,15 @@ class _Passes:
 class ImageLoader:
     """The worker processes of a run (``workers``; 0 = decode in the main process) and the device end."""
 
-    def __init__(self, sources: dict[str, Source], seed: int, eval_resize: int, workers: int, normalize: Normalize,
-                 decode_on_device: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        sources: dict[str, Source],
+        seed: int,
+        eval_resize: int,
+        workers: int,
+        normalize: Normalize,
+        decode_on_device: bool = False,
+    ):
         self.device = normalize.mean.device
         self.normalize = normalize
         self.passes, self.workers = _Passes(), workers
