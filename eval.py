@@ -6,6 +6,7 @@ and error, params, GMACs and images/s, and writes them as JSON (``output=``, def
 checkpoint as ``eval_<name>.json``).
 """
 
+import dataclasses
 import json
 import logging
 import sys
@@ -30,6 +31,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
 
     from analysis.profile import count_gmacs, count_params
     from engine import checkpoint as ckpt_io
+    from engine.config import from_dict
     from engine.data import build_batches
     from engine.device import amp_dtype, resolve_device, set_tf32
     from engine.evaluation import evaluate
@@ -37,31 +39,29 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
 
     path = Path(cfg.checkpoint)
     ckpt = ckpt_io.load(path)
-    config = ckpt["config"]
+    config = from_dict(ckpt["config"])  # as the run was configured, from a checkpoint of any version
     if cfg.data_root is not None and not Path(cfg.data_root).is_dir():
         raise UserError(
             f"data_root={cfg.data_root!r} is not a folder. Fix: pass the folder that holds the data now, "
             "or leave data_root out to use the training run's"
         )
-    data = dict(config["data"], root=cfg.data_root or config["data"]["root"])
-    trainer = config["trainer"]
+    data = dataclasses.replace(config.data, root=cfg.data_root or config.data.root)
+    trainer = config.trainer
     device = resolve_device(cfg.device)
-    set_tf32(device, trainer.get("tf32", False))  # as the run's own validation (no such key: before TF32 was on)
-    batch_size = cfg.batch_size or trainer["eval_batch_size"] or trainer["batch_size"]
-    dtype = amp_dtype(trainer["amp"], device)
-    seed = config["seed"]
-    _, val_batches = build_batches(data, 1, batch_size, seed, device, dtype=dtype or torch.float32, train=False)
+    set_tf32(device, trainer.tf32)  # as the run's own validation
+    batch_size = cfg.batch_size or trainer.eval_batch_size or trainer.batch_size
+    dtype = amp_dtype(trainer.amp, device)
+    _, val_batches = build_batches(data, 1, batch_size, config.seed, device, dtype=dtype or torch.float32, train=False)
     model = build_model(config, pretrained=False)
     model.load_state_dict(ckpt["model"])
-    params, gmacs = count_params(model), count_gmacs(model, (data["in_chans"], data["image_size"], data["image_size"]))
+    params, gmacs = count_params(model), count_gmacs(model, (data.in_chans, data.image_size, data.image_size))
     model.to(device)
-    if trainer["channels_last"]:
+    if trainer.channels_last:
         model.to(memory_format=torch.channels_last)
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=trainer["label_smoothing"])
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=trainer.label_smoothing)
     tic = time.perf_counter()
-    flip = trainer.get("eval_flip", False)  # as the run's own validation (no such key: before the option)
     limit = cfg.limit_val_batches
-    meter = evaluate(model, val_batches, criterion, device, dtype, trainer["channels_last"], limit, flip)
+    meter = evaluate(model, val_batches, criterion, device, dtype, trainer.channels_last, limit, trainer.eval_flip)
     elapsed = time.perf_counter() - tic
     summary = meter.summary()
     return {
@@ -76,9 +76,9 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
         "gmacs": gmacs,
         "img_per_s": summary["samples"] / elapsed,
         "epoch": ckpt["progress"]["epoch"],
-        "model": config["model"]["arch"],
-        "attention": config["attention"]["name"],
-        "data": data["name"],
+        "model": config.model.arch,
+        "attention": config.attention.name,
+        "data": data.name,
     }
 
 

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from cbam.errors import RunFolderInUse, UserError
 from engine import sweep
-from engine.config import register_configs, swept_overrides, to_container
+from engine.config import register_configs, swept_overrides, to_object
 from engine.distributed import global_rank
 
 register_configs()
@@ -36,12 +36,15 @@ def main(cfg: DictConfig) -> float | None:
 
     hydra_cfg = HydraConfig.get()
     run_dir, in_sweep = hydra_cfg.runtime.output_dir, hydra_cfg.mode == RunMode.MULTIRUN
-    config = to_container(cfg)
     overrides = list(hydra_cfg.overrides.task)  # what this run changes, shown in TensorBoard's HParams tab
     if in_sweep:  # a sweep job: what differs between the sweep's jobs
         overrides = swept_overrides(overrides)
+    try:
+        config = to_object(cfg)  # checks every value's range
+    except UserError as exc:
+        return _failed(run_dir, in_sweep, "bad input", exc)
     # Installed before the trainer loads data and builds the model, so that a signal then stops the run too.
-    with StopRequest(config["trainer"]["stop_grace_s"]) as stop:
+    with StopRequest(config.trainer.stop_grace_s) as stop:
         try:
             results = Trainer(config, run_dir, stop, overrides).fit()
         except StopNow:
@@ -55,13 +58,9 @@ def main(cfg: DictConfig) -> float | None:
             log.error("error: %s", exc)
             sys.exit(2)
         except UserError as exc:
-            kind = "non-finite" if type(exc).__name__ == "NonFiniteError" else "bad input"
-            if in_sweep:
-                sweep.record_failure(run_dir, kind, str(exc))
-                return None
-            sweep.write_status(run_dir, "failed", kind, str(exc))
-            log.error("error: %s", exc)
-            sys.exit(2)
+            return _failed(
+                run_dir, in_sweep, "non-finite" if type(exc).__name__ == "NonFiniteError" else "bad input", exc
+            )
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
             if in_sweep:
@@ -84,6 +83,17 @@ def main(cfg: DictConfig) -> float | None:
         )
     # The return value is what a Hydra sweeper optimises.
     return None if results is None else results["top1"]
+
+
+def _failed(run_dir: str, in_sweep: bool, kind: str, exc: Exception) -> None:
+    """A run refused or stopped by the user's input: recorded for the sweep (which goes on), or one message
+    and exit status 2."""
+    if in_sweep:
+        sweep.record_failure(run_dir, kind, str(exc))
+        return None
+    sweep.write_status(run_dir, "failed", kind, str(exc))
+    log.error("error: %s", exc)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -32,11 +32,10 @@ class Exported:
     max_abs_diff: float  # on a batch of another size than the one traced
 
 
-def example_input(config: dict, batch: int) -> torch.Tensor:
-    """Random float32 images of the size and channels the network was trained on."""
-    data = config["data"]
+def example_input(image_shape: tuple[int, int, int], batch: int) -> torch.Tensor:
+    """Random float32 images of ``image_shape`` (channels, height, width: what the network was trained on)."""
     generator = torch.Generator().manual_seed(batch)
-    return torch.randn(batch, data["in_chans"], data["image_size"], data["image_size"], generator=generator)
+    return torch.randn(batch, *image_shape, generator=generator)
 
 
 def _onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
@@ -106,7 +105,7 @@ WRITERS = {
 }
 
 
-def export(model: nn.Module, config: dict, fmt: str, out: Path) -> Exported:
+def export(model: nn.Module, image_shape: tuple[int, int, int], fmt: str, out: Path) -> Exported:
     """Write ``model`` (in eval mode, float32, on the CPU) to ``out`` in format ``fmt``, traced on a batch of
     2, then load the file back and compare its logits with PyTorch's on a batch of 3. ``out`` is written
     only if the difference is at most ``TOLERANCE``; otherwise ``ExportCheckFailed`` and nothing is left behind
@@ -121,8 +120,8 @@ def export(model: nn.Module, config: dict, fmt: str, out: Path) -> Exported:
     try:
         staged = staging / out.name
         with torch.no_grad():
-            write(model, example_input(config, 2), staged)
-            images = example_input(config, 3)
+            write(model, example_input(image_shape, 2), staged)
+            images = example_input(image_shape, 3)
             expected = model(images)
             got = run(staged, images)
         diff = (got.float() - expected.float()).abs().max().item()

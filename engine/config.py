@@ -1,8 +1,11 @@
-"""Structured-config schemas for ``train.py`` / ``eval.py``, registered in Hydra's ConfigStore.
+"""The run's config: one typed object whose dataclasses are Hydra's structured-config schemas.
 
-Each YAML file in ``configs/<group>/`` is validated against its group's dataclass when the config is
-composed, so a wrong type or an unknown choice fails before any work with Hydra's own message.
-Choice fields are enums; ``to_container`` turns them back into plain strings.
+Hydra checks each field's type and each choice (an enum) when the config is composed; ``to_object``
+then builds the dataclasses, whose ``__post_init__`` checks the ranges no type can express and turns
+choices back into plain strings. The engine reads attributes (``config.trainer.batch_size``).
+Checkpoints and results files hold the plain dict of ``as_dict``; ``from_dict`` reads it back, from
+checkpoints of any earlier version too. The ``model`` and ``attention`` groups are generated from their
+registries (``models.ARCHS``, ``cbam.spec.PRESETS``): a new backbone or preset is one entry there.
 """
 
 from __future__ import annotations
@@ -12,20 +15,26 @@ import enum
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra.experimental.callback import Callback
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
-from cbam.spec import CHOICES, AttentionSpec
-from models import ARCHS
+from cbam.errors import UserError
+from cbam.spec import CHOICES, PRESETS, AttentionSpec
+from models import ARCHS, backbone_options
 
-from .data import DATASETS, DECODE_CHOICES, FORMATS
+from .data import DATASETS, DECODE_CHOICES, FORMATS, IMAGE_SETS
 from .device import AMP_CHOICES, COMPILE_MODES
 
 
-class _Choice(enum.Enum):
+class ConfigError(UserError):
+    """A config value out of its range; the message names the field, the value and what is allowed."""
+
+
+class _Choice(str, enum.Enum):
     """A config choice; its string is its value, so that interpolations such as the run's
     ``name: ${model.arch}_...`` read ``resnet50``, not ``Arch.resnet50``."""
 
@@ -37,8 +46,29 @@ def _enum(name: str, values) -> type[enum.Enum]:
     return _Choice(name, {v: v for v in values})
 
 
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+class _Checked:
+    """A schema that checks itself when built (``to_object``, or by hand): choices become plain strings,
+    then ``check`` refuses values out of range."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, enum.Enum):
+                setattr(self, f.name, value.value)
+        self.check()
+
+    def check(self) -> None:
+        pass
+
+
 def _attention_schema() -> type:
-    """``AttentionSpec``'s fields as a mutable dataclass, choice fields as enums: one source of truth."""
+    """``AttentionSpec``'s fields as a mutable dataclass, choice fields as enums: one source of truth. Built,
+    it checks itself as an ``AttentionSpec`` would (``spec()``)."""
     hints = typing.get_type_hints(AttentionSpec)
     fields = []
     for f in dataclasses.fields(AttentionSpec):
@@ -46,7 +76,13 @@ def _attention_schema() -> type:
             _enum(f"{f.name.title().replace('_', '')}Choice", CHOICES[f.name]) if f.name in CHOICES else hints[f.name]
         )
         fields.append((f.name, kind, field(default=kind[f.default] if f.name in CHOICES else f.default)))
-    return dataclasses.make_dataclass("AttentionConfig", fields)
+
+    def spec(self) -> AttentionSpec:
+        return AttentionSpec(**dataclasses.asdict(self))
+
+    return dataclasses.make_dataclass(
+        "AttentionConfig", fields, bases=(_Checked,), namespace={"spec": spec, "check": lambda self: self.spec()}
+    )
 
 
 AttentionConfig = _attention_schema()
@@ -62,11 +98,16 @@ Amp = _enum("Amp", AMP_CHOICES)
 CompileMode = _enum("CompileMode", COMPILE_MODES)
 
 
+# A ``model`` option's values that come from its backbone: its own width (WRN-18-2's 2.0) and the options
+# that not every backbone takes.
+BACKBONE_OPTIONS = ("width", "stride_in_1x1", "zero_init_residual")
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(_Checked):
     arch: Arch = Arch.resnet18
     stem: Stem = Stem.auto  # auto: the CIFAR stem for images up to 64 px, the ImageNet stem above
-    width: float = 1.0
+    width: float = 1.0  # multiplies every stage's channels; model=<arch> sets the backbone's own (wrn18_2: 2.0)
     # ResNet options; None leaves the backbone's default (MobileNet takes none of them).
     stride_in_1x1: Optional[bool] = None
     zero_init_residual: Optional[bool] = None
@@ -74,9 +115,18 @@ class ModelConfig:
     pretrained: Optional[str] = None  # torchvision | timm | path to a checkpoint (models/pretrained.py)
     blurpool: bool = False  # a blur before each strided conv (models/blurpool.py; FFCV's recipe)
 
+    def check(self) -> None:
+        _require(self.width > 0, f"model.width must be > 0, got {self.width}")
+
+    def stem_for(self, image_size: int) -> str:
+        """The stem the network gets: ``auto`` is the CIFAR stem for images up to 64 px."""
+        if self.stem != "auto":
+            return self.stem
+        return "cifar" if image_size <= 64 else "imagenet"
+
 
 @dataclass
-class DataConfig:
+class DataConfig(_Checked):
     name: Dataset = MISSING
     root: str = "data"
     num_classes: int = MISSING
@@ -99,9 +149,37 @@ class DataConfig:
     train_size: int = 0  # synthetic only: number of images
     val_size: int = 0
 
+    def check(self) -> None:
+        _require(self.num_classes >= 1, f"data.num_classes must be >= 1, got {self.num_classes}")
+        _require(
+            len(self.mean) == self.in_chans and len(self.std) == self.in_chans,
+            f"data.mean and data.std need one value per channel (data.in_chans={self.in_chans})",
+        )
+        _require(
+            self.name != "synthetic" or (self.train_size >= 1 and self.val_size >= 1),
+            "data.train_size and data.val_size must be >= 1 for the synthetic set",
+        )
+        _require(self.workers >= 0, f"data.workers must be >= 0 (0: decode in the main process), got {self.workers}")
+        _require(
+            min(self.eval_size, self.resize_size) >= 0, "data.eval_size and data.resize_size must be >= 0 (0: default)"
+        )
+        first_last = self.progressive_epochs
+        _require(
+            len(first_last) == 2 and 0 <= first_last[0] <= first_last[1],
+            f"data.progressive_epochs must be [first, last] epochs, 0 <= first <= last, got {list(first_last)}",
+        )
+        _require(
+            not self.progressive_from or self.name in IMAGE_SETS,
+            f"data.progressive_from: progressive resizing is for image sets ({', '.join(IMAGE_SETS)}), not {self.name}",
+        )
+        _require(
+            0 <= self.progressive_from <= self.image_size,
+            f"data.progressive_from must be in [0, data.image_size={self.image_size}], got {self.progressive_from}",
+        )
+
 
 @dataclass
-class OptimConfig:
+class OptimConfig(_Checked):
     name: Optimizer = Optimizer.sgd
     lr: float = 0.1
     momentum: float = 0.9
@@ -110,9 +188,13 @@ class OptimConfig:
     weight_decay_norm_bias: bool = True  # false: no weight decay on norm layers and biases (timm's param groups)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
 
+    def check(self) -> None:
+        _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+
 
 @dataclass
-class SchedConfig:
+class SchedConfig(_Checked):
     name: Schedule = Schedule.step
     decay_epochs: int = 30  # step: multiply lr by decay_rate every decay_epochs
     decay_rate: float = 0.1
@@ -123,7 +205,7 @@ class SchedConfig:
 
 
 @dataclass
-class TrainerConfig:
+class TrainerConfig(_Checked):
     epochs: int = 90
     batch_size: int = 256
     eval_batch_size: int = 0  # 0: same as batch_size
@@ -134,9 +216,7 @@ class TrainerConfig:
     compile: Optional[bool] = None  # torch.compile the model; null: where it measured faster (engine/device.py)
     compile_mode: CompileMode = CompileMode.auto  # torch.compile's mode; auto: the device's measured one
     label_smoothing: float = 0.0
-    max_nonfinite_steps: int = (
-        10  # steps in a row whose update was skipped (loss or gradients not finite) before the run stops
-    )
+    max_nonfinite_steps: int = 10  # steps in a row with a skipped update (not finite) before the run stops
     eval_flip: bool = False  # evaluation: the mean of the logits of each image and its mirror image (FFCV's TTA)
     grad_clip: float = 0.0  # max global grad norm; 0 = off
     log_every: int = 50  # steps between plain log lines (when stdout is not a terminal)
@@ -147,6 +227,18 @@ class TrainerConfig:
     deterministic: bool = False
     sync_bn: bool = False
     stop_grace_s: float = 10.0  # after SIGTERM/SIGINT: seconds to finish the step before the work is interrupted
+
+    def check(self) -> None:
+        for name, low in [("batch_size", 1), ("epochs", 1), ("eval_batch_size", 0), ("log_every", 1)]:
+            _require(getattr(self, name) >= low, f"trainer.{name} must be >= {low}, got {getattr(self, name)}")
+        _require(
+            self.max_nonfinite_steps >= 1, f"trainer.max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}"
+        )
+        _require(
+            0 <= self.label_smoothing < 1, f"trainer.label_smoothing must be in [0, 1), got {self.label_smoothing}"
+        )
+        _require(self.grad_clip >= 0, f"trainer.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        _require(self.stop_grace_s > 0, f"trainer.stop_grace_s must be > 0, got {self.stop_grace_s}")
 
 
 @dataclass
@@ -163,7 +255,7 @@ class PathsConfig:
 @dataclass
 class TrainConfig:
     model: ModelConfig = MISSING
-    attention: Any = MISSING
+    attention: AttentionConfig = MISSING
     data: DataConfig = MISSING
     optim: OptimConfig = MISSING
     sched: SchedConfig = MISSING
@@ -186,8 +278,9 @@ class EvalConfig:
 
 
 def register_configs(app: str = "train") -> None:
-    """Register the schemas of ``app`` (train | eval); YAML files name them in their defaults list
-    (``base_train``, ``base_eval``, ``/schema/<group>@_here_``)."""
+    """Register the schemas of ``app`` (train | eval), which YAML files name in their defaults list
+    (``base_train``, ``base_eval``, ``/schema/<group>@_here_``), and the options of the ``model`` and
+    ``attention`` groups: one per backbone of ``models.ARCHS`` and one per preset of ``cbam.spec.PRESETS``."""
     cs = ConfigStore.instance()
     OmegaConf.register_new_resolver("run_name", run_name, replace=True)  # hydra.sweep.subdir
     if app == "eval":
@@ -197,14 +290,17 @@ def register_configs(app: str = "train") -> None:
     # Outside the groups they validate (schema/<group>, named in each YAML's defaults list), so that the
     # groups offer only real options.
     for group, node in [
-        ("model", ModelConfig),
-        ("attention", AttentionConfig),
         ("data", DataConfig),
         ("optim", OptimConfig),
         ("sched", SchedConfig),
         ("logger", LoggerConfig),
     ]:
         cs.store(group="schema", name=group, node=node)
+    for arch in ARCHS:
+        options = {k: v for k, v in backbone_options(arch).items() if k in BACKBONE_OPTIONS}
+        cs.store(group="model", name=arch, node=ModelConfig(arch=arch, **options))
+    for name, spec in PRESETS.items():
+        cs.store(group="attention", name=name, node=AttentionConfig(**dataclasses.asdict(spec)))
 
 
 # A group override names the option of a group; its config field is the option's name.
@@ -266,6 +362,47 @@ def run_name(overrides: list[str], job_num: int) -> str:
     return name[:200] if name else str(job_num)
 
 
-def to_container(cfg: DictConfig) -> dict:
-    """A resolved plain dict with enums as strings (for logging, checkpoints and ``create_model``)."""
-    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+def to_object(cfg: DictConfig) -> TrainConfig:
+    """The composed config as the typed, checked ``TrainConfig`` (interpolations resolved)."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as exc:
+        key = exc.full_key
+        raise ConfigError(f"{key} has no value (???). Fix: set it on the command line, {key}=...") from None
+
+
+def as_dict(config: TrainConfig) -> dict:
+    """The plain dict of a config, as checkpoints, results.json and TensorBoard's HParams hold it."""
+    return dataclasses.asdict(config, dict_factory=lambda items: {k: _plain(v) for k, v in items})
+
+
+def _plain(value):
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+# What checkpoints written before an option existed ran with, where that differs from today's default.
+EARLIER_DEFAULTS = {("trainer", "tf32"): False}
+
+
+def from_dict(config: dict) -> TrainConfig:
+    """The ``TrainConfig`` of a checkpoint's plain dict, checked. Written by an earlier version, its missing
+    options take the value the run had (``EARLIER_DEFAULTS``, else today's default), and options that no
+    longer exist are dropped."""
+    schema = TrainConfig(
+        model=ModelConfig(),
+        attention=AttentionConfig(),
+        data=DataConfig(name="synthetic", num_classes=1, train_size=1, val_size=1),
+        optim=OptimConfig(),
+        sched=SchedConfig(),
+        logger=LoggerConfig(),
+    )
+    known = OmegaConf.to_container(OmegaConf.structured(schema), enum_to_str=True)
+    known["paths"]["output_dir"] = None  # Hydra's, resolved when the run was composed
+    for (group, key), value in EARLIER_DEFAULTS.items():
+        known[group][key] = value
+    merged = {
+        name: {k: v for k, v in config[name].items() if k in default} if isinstance(default, dict) else config[name]
+        for name, default in known.items()
+        if name in config
+    }
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), known, merged))

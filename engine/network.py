@@ -2,27 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from models import create_model
 
 from .checkpoint import load as load_checkpoint
+from .config import TrainConfig, from_dict
 
 
-def build_model(config: dict, pretrained: bool = True) -> torch.nn.Module:
+def build_model(config: TrainConfig, pretrained: bool = True) -> torch.nn.Module:
     """The network a config describes; ``pretrained=False`` skips ``model.pretrained`` (weights that a
     checkpoint is about to replace: a resumed run, ``eval.py``)."""
-    m, d = config["model"], config["data"]
-    stem = m["stem"] if m["stem"] != "auto" else ("cifar" if d["image_size"] <= 64 else "imagenet")
+    m, d = config.model, config.data
     skip = ("arch", "stem") if pretrained else ("arch", "stem", "pretrained")
-    options = {k: v for k, v in m.items() if k not in skip and v is not None}
-    return create_model(m["arch"], d["num_classes"], config["attention"], in_chans=d["in_chans"], stem=stem, **options)
+    options = {k: v for k, v in dataclasses.asdict(m).items() if k not in skip and v is not None}
+    stem = m.stem_for(d.image_size)
+    return create_model(m.arch, d.num_classes, config.attention.spec(), in_chans=d.in_chans, stem=stem, **options)
 
 
-def load_model(path) -> tuple[torch.nn.Module, dict]:
+def load_model(path) -> tuple[torch.nn.Module, TrainConfig]:
     """A checkpoint's network with its weights, on the CPU in eval mode, and the config it was trained
     with (``engine.checkpoint.CheckpointError`` if the file cannot be read)."""
     ckpt = load_checkpoint(path)
-    model = build_model(ckpt["config"], pretrained=False)
+    config = from_dict(ckpt["config"])
+    model = build_model(config, pretrained=False)
     model.load_state_dict(ckpt["model"])
-    return model.eval(), ckpt["config"]
+    return model.eval(), config

@@ -1,7 +1,8 @@
 """One training run: build everything from a resolved config, train, evaluate, log, checkpoint.
 
-Only the entry points know about Hydra; this module takes a plain dict (``engine.config.to_container``)
-and a run directory. ``Trainer.fit`` is the loop, on one screen; the helpers below it do one thing each.
+Only the entry points run Hydra; this module takes the typed config (``engine.config.TrainConfig``, which
+checked its own values) and a run directory. ``Trainer.fit`` is the loop, on one screen; the helpers
+below it do one thing each.
 A run can be stopped at any step and resumed to exactly where it would have been: the data order and
 augmentation are functions of (seed, epoch, batch), the lr a function of (epoch, step), and a
 checkpoint holds everything else (weights, optimizer, scaler, meters, RNGs).
@@ -35,7 +36,8 @@ from cbam.modules import AttentionModule
 from . import checkpoint as ckpt_io
 from . import distributed as dist
 from .clock import Clock
-from .data import IMAGE_SETS, build_batches
+from .config import TrainConfig, as_dict
+from .data import build_batches
 from .device import amp_dtype, autocast, compile_mode, resolve_device, set_cudnn_benchmark, set_tf32
 from .evaluation import evaluate
 from .files import write_atomic
@@ -54,50 +56,6 @@ log = logging.getLogger("cbam")
 WARMUP_STEPS = 3
 
 
-def validate(config: dict) -> None:
-    """Refuse values that no schema type can express, before any work starts."""
-    t, o, d = config["trainer"], config["optim"], config["data"]
-    problems = [
-        (o["lr"] <= 0, f"optim.lr must be > 0, got {o['lr']}"),
-        (t["batch_size"] < 1, f"trainer.batch_size must be >= 1, got {t['batch_size']}"),
-        (t["epochs"] < 1, f"trainer.epochs must be >= 1, got {t['epochs']}"),
-        (t["eval_batch_size"] < 0, f"trainer.eval_batch_size must be >= 0, got {t['eval_batch_size']}"),
-        (o["weight_decay"] < 0, f"optim.weight_decay must be >= 0, got {o['weight_decay']}"),
-        (not 0 <= t["label_smoothing"] < 1, f"trainer.label_smoothing must be in [0, 1), got {t['label_smoothing']}"),
-        (t["grad_clip"] < 0, f"trainer.grad_clip must be >= 0 (0 = off), got {t['grad_clip']}"),
-        (t["stop_grace_s"] <= 0, f"trainer.stop_grace_s must be > 0, got {t['stop_grace_s']}"),
-        (t["log_every"] < 1, f"trainer.log_every must be >= 1, got {t['log_every']}"),
-        (t["max_nonfinite_steps"] < 1, f"trainer.max_nonfinite_steps must be >= 1, got {t['max_nonfinite_steps']}"),
-        (config["model"]["width"] <= 0, f"model.width must be > 0, got {config['model']['width']}"),
-        (d["num_classes"] < 1, f"data.num_classes must be >= 1, got {d['num_classes']}"),
-        (
-            len(d["mean"]) != d["in_chans"] or len(d["std"]) != d["in_chans"],
-            f"data.mean and data.std need one value per channel (data.in_chans={d['in_chans']})",
-        ),
-        (
-            d["name"] == "synthetic" and (d["train_size"] < 1 or d["val_size"] < 1),
-            "data.train_size and data.val_size must be >= 1 for the synthetic set",
-        ),
-        (d["workers"] < 0, f"data.workers must be >= 0 (0: decode in the main process), got {d['workers']}"),
-        (min(d["eval_size"], d["resize_size"]) < 0, "data.eval_size and data.resize_size must be >= 0 (0: default)"),
-        (
-            len(d["progressive_epochs"]) != 2 or not 0 <= d["progressive_epochs"][0] <= d["progressive_epochs"][1],
-            f"data.progressive_epochs must be [first, last] epochs, 0 <= first <= last, got {d['progressive_epochs']}",
-        ),
-        (
-            d["progressive_from"] and d["name"] not in IMAGE_SETS,
-            f"data.progressive_from: progressive resizing is for image sets ({', '.join(IMAGE_SETS)}), not {d['name']}",
-        ),
-        (
-            not 0 <= d["progressive_from"] <= d["image_size"],
-            f"data.progressive_from must be in [0, data.image_size={d['image_size']}], got {d['progressive_from']}",
-        ),
-    ]
-    for bad, message in problems:
-        if bad:
-            raise UserError(message)
-
-
 def seed_everything(seed: int) -> None:
     """Python's, NumPy's and torch's generators (all of which a checkpoint stores) from one seed."""
     random.seed(seed)
@@ -113,24 +71,24 @@ class Trainer:
     """One run. ``stop``: the run's ``StopRequest`` when the caller installed it before building the
     trainer (``train.py``, so that a signal during data loading is handled too); else ``fit`` installs one."""
 
-    def __init__(self, config: dict, run_dir: Path, stop: StopRequest | None = None, overrides: list[str] = ()):
+    def __init__(self, config: TrainConfig, run_dir: Path, stop: StopRequest | None = None, overrides: list[str] = ()):
         """``overrides``: the Hydra overrides that set this run apart (a single run's command line, a sweep
         job's swept values), shown in TensorBoard's HParams tab."""
-        validate(config)
         self.config, self.overrides = config, list(overrides)
-        self.t, self.d = config["trainer"], config["data"]
-        self.stop = stop or StopRequest(self.t["stop_grace_s"])
-        self.device = resolve_device(self.t["device"])
+        self.config_dict = as_dict(config)  # as checkpoints, results.json and the HParams tab hold it
+        self.t, self.d = config.trainer, config.data
+        self.stop = stop or StopRequest(self.t.stop_grace_s)
+        self.device = resolve_device(self.t.device)
         self.rank, self.world_size = dist.init_from_env(self.device)
         self.main = self.rank == 0
         self._setup_run_dir(Path(run_dir))
-        if self.t["deterministic"]:
+        if self.t.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
-        set_cudnn_benchmark(self.device, not self.t["deterministic"])
-        set_tf32(self.device, self.t["tf32"])
-        seed_everything(config["seed"])
-        self.amp_dtype = amp_dtype(self.t["amp"], self.device)
+        set_cudnn_benchmark(self.device, not self.t.deterministic)
+        set_tf32(self.device, self.t.tf32)
+        seed_everything(config.seed)
+        self.amp_dtype = amp_dtype(self.t.amp, self.device)
         self._setup_data()
         self._setup_model()
         self._setup_optimization()
@@ -144,9 +102,7 @@ class Trainer:
             self._load(self.resume_path)
         self.saved_step, self.last_checkpoint = self.global_step, self.resume_path  # the newest checkpoint
         self.stop_interval = 1  # steps between the ranks' agreements on stopping (``_stop_agreed``)
-        self.logger = (
-            build_logger(config.get("logger", {}).get("name", "tensorboard"), self.run_dir) if self.main else None
-        )
+        self.logger = build_logger(config.logger.name, self.run_dir) if self.main else None
         if self.logger is not None:
             self.logger.charts(CHARTS)
 
@@ -158,7 +114,7 @@ class Trainer:
         with self.stop:
             try:
                 self._announce()
-                while self.epoch < self.t["epochs"]:
+                while self.epoch < self.t.epochs:
                     if self._stop_agreed(every_step=True) or not self._train_epoch():
                         return self._stopped()
                     self._end_epoch(self.evaluate())
@@ -180,9 +136,9 @@ class Trainer:
             self.train_step(x, y)
             self.clock.step(x.shape[0] * self.world_size)
             bar.update(1)
-            if self.global_step % self.t["log_every"] == 0 or self.next_batch == self.steps_per_epoch:
+            if self.global_step % self.t.log_every == 0 or self.next_batch == self.steps_per_epoch:
                 self._log_progress(bar)  # reads the device: the losses, accuracy and skipped steps
-            if self.t["ckpt_every_steps"] and self.global_step % self.t["ckpt_every_steps"] == 0:
+            if self.t.ckpt_every_steps and self.global_step % self.t.ckpt_every_steps == 0:
                 self.clock.pause()
                 self._save(("last.pt",))
                 self.clock.resume()
@@ -248,9 +204,9 @@ class Trainer:
             self.criterion,
             self.device,
             self.amp_dtype,
-            self.t["channels_last"],
-            self.t["limit_val_batches"],
-            self.t["eval_flip"],
+            self.t.channels_last,
+            self.t.limit_val_batches,
+            self.t.eval_flip,
         )
         return meter.summary(dist.all_reduce_sum(meter.sums))
 
@@ -272,7 +228,7 @@ class Trainer:
         results = self._results(self.wall_before + time.time() - self.start_wall)
         if self.main:
             final = (results["top1"], results["top5"], self.params / 1e6, self.gmacs, results["train_img_per_s"])
-            write_hparams(self.logger, self.config, dict(zip(METRICS, final, strict=True)), self.overrides)
+            write_hparams(self.logger, self.config_dict, dict(zip(METRICS, final, strict=True)), self.overrides)
             self.logger.close()
             write_atomic(self.run_dir / "results.json", json.dumps(results, indent=2))
             log.info(
@@ -339,7 +295,7 @@ class Trainer:
                     self.global_step,
                 )
             self.skipped_reported = skipped
-        if in_a_row < self.t["max_nonfinite_steps"]:
+        if in_a_row < self.t.max_nonfinite_steps:
             return
         try:
             saved = f"stopped with a checkpoint of the last finite weights, {self._save(('last.pt',))}"
@@ -368,7 +324,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "config": self.config,
+            "config": self.config_dict,
             "meter": meter_sums.cpu(),
             "rng": ckpt_io.rng_state(),
             "progress": {
@@ -388,7 +344,7 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         ckpt = ckpt_io.load(path)
-        ckpt_io.check_same_architecture(ckpt["config"], self.config, path)
+        ckpt_io.check_same_architecture(ckpt["config"], self.config_dict, path)
         self.model.load_state_dict(ckpt["model"])
         ckpt_io.load_optimizer_state(self.optimizer, ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -405,15 +361,15 @@ class Trainer:
 
     # ---- logging ---------------------------------------------------------------------------------
     def _announce(self) -> None:
-        if self.main and self.t["image_every"] and self.epoch == 0 and self.next_batch == 0:
+        if self.main and self.t.image_every and self.epoch == 0 and self.next_batch == 0:
             log_attention(self.logger, self.model, self.fixed_images, 0)
         if self.main:
             log.info(
                 "%s: %s + %s on %s, %.3fM params, %.4f GMACs, %d steps/epoch, device %s x%d; %s",
-                self.config["name"],
-                self.config["model"]["arch"],
-                self.config["attention"]["name"],
-                self.d["name"],
+                self.config.name,
+                self.config.model.arch,
+                self.config.attention.name,
+                self.d.name,
                 self.params / 1e6,
                 self.gmacs,
                 self.steps_per_epoch,
@@ -426,7 +382,7 @@ class Trainer:
         return tqdm(
             total=self.steps_per_epoch,
             initial=self.next_batch,
-            desc=f"epoch {self.epoch + 1}/{self.t['epochs']}",
+            desc=f"epoch {self.epoch + 1}/{self.t.epochs}",
             disable=not (self.main and sys.stderr.isatty()),
             dynamic_ncols=True,
             leave=False,
@@ -445,11 +401,11 @@ class Trainer:
             bar.set_postfix(loss=f"{s['loss']:.4f}", top1=f"{s['top1']:.2f}", img_s=f"{img_per_s:.0f}", lr=f"{lr:.3g}")
             return
         epoch_left = self.steps_per_epoch - self.next_batch
-        run_left = epoch_left + (self.t["epochs"] - self.epoch - 1) * self.steps_per_epoch  # training steps
+        run_left = epoch_left + (self.t.epochs - self.epoch - 1) * self.steps_per_epoch  # training steps
         eta = (
             (
-                f"eta epoch {self.clock.eta(epoch_left, self.t['batch_size']):.0f}s, "
-                f"run {self.clock.eta(run_left, self.t['batch_size']):.0f}s"
+                f"eta epoch {self.clock.eta(epoch_left, self.t.batch_size):.0f}s, "
+                f"run {self.clock.eta(run_left, self.t.batch_size):.0f}s"
             )
             if self.clock.img_per_s
             else "eta -"
@@ -457,7 +413,7 @@ class Trainer:
         log.info(
             "epoch %d/%d step %d/%d loss %.4f top-1 %.2f%% lr %.4g %s img/s %s",
             self.epoch + 1,
-            self.t["epochs"],
+            self.t.epochs,
             self.next_batch,
             self.steps_per_epoch,
             s["loss"],
@@ -477,7 +433,7 @@ class Trainer:
         logger.scalar("model/GMACs", self.gmacs, self.epoch)  # compare runs by them
         logger.scalar("throughput/train_img_per_s", self.clock.img_per_s, self.epoch)
         logger.scalar("time/train_s_total", self.clock.train_s, self.epoch)
-        if self.t["image_every"] and (self.epoch % self.t["image_every"] == 0 or self.epoch == self.t["epochs"]):
+        if self.t.image_every and (self.epoch % self.t.image_every == 0 or self.epoch == self.t.epochs):
             log_attention(logger, self.model, self.fixed_images, self.epoch)
         logger.scalar("time/eval_s", time.perf_counter() - self.eval_tic, self.epoch)  # with the attention maps
         logger.scalar("time/epoch_s", time.perf_counter() - self.epoch_tic, self.epoch)
@@ -485,7 +441,7 @@ class Trainer:
         log.info(
             "epoch %d/%d: train loss %.4f top-1 %.2f%% | val loss %.4f top-1 %.2f%% top-5 %.2f%%%s",
             self.epoch,
-            self.t["epochs"],
+            self.t.epochs,
             train["loss"],
             train["top1"],
             val["loss"],
@@ -500,33 +456,33 @@ class Trainer:
         if not self.main and run_dir != self.run_dir:
             _remove_if_empty(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        if self.t["batch_size"] % self.world_size:
+        if self.t.batch_size % self.world_size:
             raise UserError(
-                f"trainer.batch_size={self.t['batch_size']} (the global batch) must be divisible by the "
+                f"trainer.batch_size={self.t.batch_size} (the global batch) must be divisible by the "
                 f"{self.world_size} processes"
             )
-        self.resume_path = self._resume_path(self.config.get("resume"))
+        self.resume_path = self._resume_path(self.config.resume)
         if self.main:
             self._check_writable()
 
     def _setup_data(self) -> None:
-        eval_batch = self.t["eval_batch_size"] or self.t["batch_size"]
+        eval_batch = self.t.eval_batch_size or self.t.batch_size
         self.train_batches, self.val_batches = build_batches(
             self.d,
-            self.t["batch_size"] // self.world_size,
+            self.t.batch_size // self.world_size,
             max(1, eval_batch // self.world_size),
-            self.config["seed"],
+            self.config.seed,
             self.device,
             self.rank,
             self.world_size,
             dtype=self.amp_dtype or torch.float32,
         )
         self.steps_per_epoch = len(self.train_batches)
-        if self.t["limit_train_batches"]:
-            self.steps_per_epoch = min(self.steps_per_epoch, self.t["limit_train_batches"])
+        if self.t.limit_train_batches:
+            self.steps_per_epoch = min(self.steps_per_epoch, self.t.limit_train_batches)
         if self.steps_per_epoch < 1:
             raise UserError(
-                f"trainer.batch_size={self.t['batch_size']} is larger than the training set "
+                f"trainer.batch_size={self.t.batch_size} is larger than the training set "
                 f"({self.train_batches.num_samples} images): no full batch per epoch"
             )
         # a fixed validation batch for TensorBoard's attention maps (float32, as the maps are computed)
@@ -535,11 +491,11 @@ class Trainer:
     def _setup_model(self) -> None:
         self.model = build_model(self.config, pretrained=self.resume_path is None)
         self.params = count_params(self.model)
-        self.gmacs = count_gmacs(self.model, (self.d["in_chans"], self.d["image_size"], self.d["image_size"]))
+        self.gmacs = count_gmacs(self.model, (self.d.in_chans, self.d.image_size, self.d.image_size))
         self.model.to(self.device)
-        if self.t["channels_last"]:
+        if self.t.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        if self.world_size > 1 and self.t["sync_bn"]:
+        if self.world_size > 1 and self.t.sync_bn:
             self.model = dist.convert_sync_batchnorm(self.model, self.device)
         self.eager_model = self.model
         distributed = torch.distributed.is_initialized()  # under torchrun, even as its only process
@@ -547,7 +503,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.eager_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         # DDP first, then the compiler: dynamo's DDPOptimizer splits the graph at DDP's gradient buckets
-        self.compile_mode = compile_mode(self.t["compile"], self.t["compile_mode"], self.device, distributed)
+        self.compile_mode = compile_mode(self.t.compile, self.t.compile_mode, self.device, distributed)
         self.train_model = self.eager_model
         if self.compile_mode is not None:
             try:
@@ -556,11 +512,11 @@ class Trainer:
                 self._compile_failed(err)
 
     def _setup_optimization(self) -> None:
-        self.optimizer = build_optimizer(self.model, self.config["optim"])
-        self.scheduler = build_scheduler(self.optimizer, self.config["sched"], self.t["epochs"], self.steps_per_epoch)
+        self.optimizer = build_optimizer(self.model, self.config.optim)
+        self.scheduler = build_scheduler(self.optimizer, self.config.sched, self.t.epochs, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
-        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=self.t["label_smoothing"])
-        self.update = GuardedUpdate(self.model, self.optimizer, self.scaler, self.t["grad_clip"])
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=self.t.label_smoothing)
+        self.update = GuardedUpdate(self.model, self.optimizer, self.scaler, self.t.grad_clip)
         self.skipped_reported = 0
 
     def _resume_path(self, resume: str | None) -> Path | None:
@@ -599,7 +555,7 @@ class Trainer:
         self.train_model, self.compile_mode = self.eager_model, None
 
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.t["channels_last"] else x
+        return x.contiguous(memory_format=torch.channels_last) if self.t.channels_last else x
 
     # ---- what the run reports --------------------------------------------------------------------
     def settings(self) -> dict:
@@ -608,7 +564,7 @@ class Trainer:
         fused = any(i == "fused" or (i == "auto" and auto_uses_fused(self.device.type)) for i in impls)
         return {
             "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "float32",
-            "tf32": self.t["tf32"] and self.device.type == "cuda",
+            "tf32": self.t.tf32 and self.device.type == "cuda",
             "compile": self.compile_mode or "off",
             "attention_impl": ("fused" if fused and self.compile_mode is None else "reference") if impls else "none",
         }
@@ -635,7 +591,7 @@ class Trainer:
             "train_img_per_s": self.clock.img_per_s,
             "skipped_steps": self.update.counts()[0],
             "history": self.history,
-            "config": self.config,
+            "config": self.config_dict,
         }
 
 

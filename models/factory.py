@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from functools import partial
 
@@ -27,6 +28,12 @@ _ARCHS: dict[str, Callable[..., nn.Module]] = {
 }
 
 ARCHS = tuple(_ARCHS)
+
+
+def backbone_options(arch: str) -> dict:
+    """The keyword options that backbone ``arch`` takes, with its defaults (``stride_in_1x1=False``, ...)."""
+    parameters = inspect.signature(_ARCHS[arch]).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
 def create_model(

@@ -27,6 +27,7 @@ import yaml
 
 from analysis.paper import find_row
 from engine.sweep import read_status
+from models import backbone_options
 
 IGNORED = {"seed", "name", "resume", "paths.log_dir", "paths.output_dir"}
 PREFERRED = ("attention.name", "model.arch", "data.name")  # kept when another field says the same
@@ -142,7 +143,9 @@ def summarise(varying: list[str], variant: Variant) -> dict:
     )
     paper = None
     if config["data"]["name"] == "imagenet":
-        paper = find_row(config["model"]["arch"], config["attention"]["name"], config["model"].get("width", 1.0))
+        arch = config["model"]["arch"]
+        width = config["model"].get("width", 1.0) / backbone_options(arch).get("width", 1.0)  # MobileNet's alpha
+        paper = find_row(arch, config["attention"]["name"], width)
     row["paper_top1_err"] = paper.top1_err if paper else None
     row["paper_top5_err"] = paper.top5_err if paper else None
     row["diff_top1_err"] = t1 - paper.top1_err if paper and done else None

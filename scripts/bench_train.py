@@ -24,7 +24,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from engine.config import register_configs, to_container
+from engine.config import TrainConfig, register_configs, to_object
 from engine.data import build_batches
 from engine.device import amp_dtype, autocast, resolve_device
 from engine.network import build_model
@@ -32,20 +32,20 @@ from engine.network import build_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def bare_loop(config: dict, steps: int) -> float:
+def bare_loop(config: TrainConfig, steps: int) -> float:
     """Images/s of the plainest loop over the same batches, model, device, AMP and optimizer settings."""
     torch.manual_seed(0)
-    t, o = config["trainer"], config["optim"]
-    device = resolve_device(t["device"])
-    train, _ = build_batches(config["data"], t["batch_size"], t["batch_size"], config["seed"], device)
+    t, o = config.trainer, config.optim
+    device = resolve_device(t.device)
+    train, _ = build_batches(config.data, t.batch_size, t.batch_size, config.seed, device)
     model = build_model(config).to(device, memory_format=torch.channels_last).train()
     opt = torch.optim.SGD(
-        model.parameters(), lr=0.01, momentum=o["momentum"], weight_decay=o["weight_decay"], nesterov=o["nesterov"]
+        model.parameters(), lr=0.01, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov
     )
     batches = train.batches(0)
 
     def step(x, y):
-        with autocast(device, amp_dtype(t["amp"], device)):
+        with autocast(device, amp_dtype(t.amp, device)):
             loss = torch.nn.functional.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -64,11 +64,11 @@ def bare_loop(config: dict, steps: int) -> float:
     return images / (time.perf_counter() - tic)
 
 
-def _device_name(config: dict) -> str:
-    device = resolve_device(config["trainer"]["device"])
+def _device_name(config: TrainConfig) -> str:
+    device = resolve_device(config.trainer.device)
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, amp={config['trainer']['amp']}"
-    return f"CPU x{torch.get_num_threads()} threads, amp={config['trainer']['amp']}"
+        return f"{torch.cuda.get_device_name(device)}, amp={config.trainer.amp}"
+    return f"CPU x{torch.get_num_threads()} threads, amp={config.trainer.amp}"
 
 
 def main(argv=None) -> int:
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
         cfg = compose("train", overrides=overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = "unused"
-    config = to_container(cfg)
+    config = to_object(cfg)
 
     bare = [bare_loop(config, args.steps)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,8 +94,8 @@ def main(argv=None) -> int:
     bare.append(bare_loop(config, args.steps))
     base = statistics.fmean(bare)
     print(
-        f"{args.experiment}: {config['model']['arch']} + {config['attention']['name']}, batch "
-        f"{config['trainer']['batch_size']}, {args.steps} steps, {_device_name(config)}"
+        f"{args.experiment}: {config.model.arch} + {config.attention.name}, batch "
+        f"{config.trainer.batch_size}, {args.steps} steps, {_device_name(config)}"
     )
     print(f"bare loop: {bare[0]:.0f} / {bare[1]:.0f} img/s (before / after)")
     print(f"train.py:  {ours:.0f} img/s  ->  {ours / base:.3f}x the bare loop")

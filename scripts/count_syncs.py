@@ -23,7 +23,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from engine.config import register_configs, to_container
+from engine.config import register_configs, to_object
 from engine.syncs import SyncCounter, count_step_syncs
 from engine.trainer import Trainer
 
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as run_dir:
         with open_dict(cfg):
             cfg.paths.output_dir = run_dir
-        trainer = Trainer(to_container(cfg), Path(run_dir), overrides=args.overrides)
+        trainer = Trainer(to_object(cfg), Path(run_dir), overrides=args.overrides)
         with SyncCounter(trainer.device) as counter:
             counted = count_step_syncs(trainer, counter)
             results = trainer.fit()

@@ -37,14 +37,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--out {out} is the checkpoint itself; choose another file")
     try:
         model, config = load_model(args.checkpoint)
-        result = export(model, config, args.format, out)
+        d = config.data
+        result = export(model, (d.in_chans, d.image_size, d.image_size), args.format, out)
     except UserError as exc:  # CheckpointError, a missing exporter package
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ExportCheckFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    arch, attention = config["model"]["arch"], config["attention"]["name"]
+    arch, attention = config.model.arch, config.attention.name
     print(
         f"{arch} + {attention} -> {result.path} ({args.format}, {result.path.stat().st_size / 2**20:.1f} MiB); "
         f"max abs difference from PyTorch {result.max_abs_diff:.2g} (at most {TOLERANCE})"

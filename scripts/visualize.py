@@ -34,7 +34,7 @@ def block_name(gate_name: str) -> str:
 def explain(path: Path, images: list[Path], blocks: list[str] | None) -> dict:
     """One checkpoint on the images: its label, predictions, Grad-CAM and spatial maps (block -> maps)."""
     model, config = load_model(path)
-    shown, inputs = read_images(images, config["data"])
+    shown, inputs = read_images(images, config.data)
     with torch.no_grad(), record_attention(model) as recorded:
         model(inputs)
     spatial = {block_name(name): maps[:, 0] for name, maps in recorded["spatial"]}
@@ -47,9 +47,9 @@ def explain(path: Path, images: list[Path], blocks: list[str] | None) -> dict:
             raise UserError(f"{path}: no spatial attention in block(s) {unknown}; blocks with one: {have}")
         spatial = {b: spatial[b] for b in blocks}
     cam = grad_cam(model, inputs)
-    names = class_names(config["data"])
+    names = class_names(config.data)
     return {
-        "label": f"{config['model']['arch']} + {config['attention']['name']}",
+        "label": f"{config.model.arch} + {config.attention.name}",
         "shown": shown,
         "cam": cam,
         "classes": [names[int(c)] for c in cam.classes],

@@ -43,20 +43,20 @@ def load_script(name: str):
     return module
 
 
-def compose(*overrides: str, run_dir: Path | str = "unused") -> dict:
-    """The plain config that ``train.py`` would build from ``overrides`` (Hydra's compose API)."""
+def compose(*overrides: str, run_dir: Path | str = "unused"):
+    """The typed config (``engine.config.TrainConfig``) that ``train.py`` builds from ``overrides``."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from omegaconf import open_dict
 
-    from engine.config import register_configs, to_container
+    from engine.config import register_configs, to_object
 
     register_configs()
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
         cfg = hydra_compose("train", overrides=list(overrides))
     with open_dict(cfg):
         cfg.paths.output_dir = str(run_dir)
-    return to_container(cfg)
+    return to_object(cfg)
 
 
 def train_here(run_dir: Path, *overrides: str, stop=None) -> dict | None:

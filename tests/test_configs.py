@@ -5,10 +5,11 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf, open_dict
 
 from cbam import PRESETS
-from engine.config import register_configs, to_container
+from engine.config import as_dict, register_configs, to_object
 from models import ARCHS
 
 pytestmark = pytest.mark.any_torch  # Hydra's composition and the registries: no torch version in it
@@ -18,27 +19,55 @@ register_configs()
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+    """A group's options as Hydra finds them: YAML files and ConfigStore entries."""
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        return sorted(GlobalHydra.instance().config_loader().get_group_options(group))
 
 
 def compose_train(*overrides: str) -> dict:
+    """The plain dict of the typed config that train.py builds (as checkpoints and results.json hold it)."""
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         cfg = compose("train", overrides=list(overrides))
     with open_dict(cfg):
         cfg.paths.output_dir = "/tmp/unused"
-    return to_container(cfg)
+    return as_dict(to_object(cfg))
 
 
-def test_config_files_match_the_code():
+def test_groups_are_the_registries():
+    """The model and attention options are generated from the registries; the data options are files."""
     assert options("model") == sorted(ARCHS)
     assert options("attention") == sorted(PRESETS)
+    assert not list((CONFIGS / "model").glob("*.yaml")) and not list((CONFIGS / "attention").glob("*.yaml"))
     assert options("data") == sorted(["cifar10", "cifar100", "fashion_mnist", "imagenet", "synthetic"])
+
+
+def test_a_backbone_option_is_the_backbone_with_its_own_defaults():
+    """model=wrn18_2 is WRN-18-2 (Table 4), not ResNet-18: its width comes from the backbone."""
+    from analysis.profile import count_params
+    from engine.config import from_dict
+    from engine.network import build_model
+
+    params = {}
+    for arch in ("resnet18", "wrn18_2", "mobilenet_v1"):
+        config = compose_train(f"model={arch}", "attention=none", "data=synthetic")
+        params[arch] = count_params(build_model(from_dict(config)))
+        assert params[arch] == count_params(factory_model(arch)), arch
+    assert config["model"]["stride_in_1x1"] is None  # MobileNet takes no ResNet options
+    assert compose_train("model=resnet50")["model"]["stride_in_1x1"] is False  # v1.5, as torchvision
+    assert params["wrn18_2"] > 3 * params["resnet18"]
+
+
+def factory_model(arch: str):
+    from models import create_model
+
+    return create_model(arch, 10, "none", stem="cifar")
 
 
 def test_every_option_composes_and_writes_only_its_own_group():
     """Each model, attention and data file composes, and changes nothing outside its own package (the
     run's ``name`` interpolates all three), so any model x attention x data combination composes: the
     550 combinations themselves took two minutes to compose."""
+    group_options = {group: options(group) for group in ("model", "attention", "data")}
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         default = OmegaConf.to_container(compose("train"))
         selected = {
@@ -47,7 +76,7 @@ def test_every_option_composes_and_writes_only_its_own_group():
             "data": lambda c: c.data.name.value,
         }
         for group, selected_name in selected.items():
-            for option in options(group):
+            for option in group_options[group]:
                 cfg = compose("train", overrides=[f"{group}={option}"])
                 assert selected_name(cfg) == option
                 outside = {k: v for k, v in OmegaConf.to_container(cfg).items() if k != group}
@@ -57,8 +86,8 @@ def test_every_option_composes_and_writes_only_its_own_group():
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
-def test_attention_files_equal_the_presets(preset):
-    """A config file and the library preset of the same name describe the same module."""
+def test_attention_options_equal_the_presets(preset):
+    """An attention option and the library preset of the same name describe the same module."""
     from cbam import resolve_spec
 
     assert resolve_spec(compose_train(f"attention={preset}")["attention"]) == PRESETS[preset]
@@ -167,13 +196,15 @@ def test_a_new_preset_backbone_data_set_and_logger_each_need_one_registry_entry(
             written.append(("hparams", metrics["val/top1"]))
 
     try:
+        from engine.config import AttentionConfig
         from engine.trainer import Trainer
+        from helpers import compose
 
-        config = compose_train(
+        config = compose(
             "experiment=smoke", "model.width=0.25", "trainer.epochs=1", "trainer.image_every=1", "trainer.device=cpu"
         )
-        config["data"]["name"], config["logger"]["name"] = "test_set", "test_logger"
-        config["model"]["arch"], config["attention"] = "resnet10_test", dataclasses.asdict(gate)
+        config.data.name, config.logger.name = "test_set", "test_logger"
+        config.model.arch, config.attention = "resnet10_test", AttentionConfig(**dataclasses.asdict(gate))
         results = Trainer(config, tmp_path).fit()
     finally:
         loggers.LOGGERS.pop("test_logger")
@@ -233,3 +264,39 @@ def test_run_hparams_key_fields_first_then_the_overridden_ones():
     assert hparams["attention"] == "se" and hparams["epochs"] == 2 and isinstance(hparams["lr"], float)
     assert hparams["model.zero_init_residual"] == "true"  # booleans as text, not 1.0000
     assert varying == {"attention", "model.zero_init_residual"}
+
+
+def test_a_checkpoints_plain_config_reads_back_from_any_version():
+    """``from_dict`` of today's dict is the same config; an earlier version's dict, without today's options
+    and with one that no longer exists, reads back with the values that run had."""
+    from engine.config import from_dict
+
+    today = compose_train("experiment=quickstart", "attention=se")
+    assert as_dict(from_dict(today)) == today
+    earlier = {group: dict(values) if isinstance(values, dict) else values for group, values in today.items()}
+    del earlier["trainer"]["tf32"], earlier["data"]["format"], earlier["model"]["blurpool"]
+    earlier["trainer"]["an_option_since_removed"] = 1
+    config = from_dict(earlier)
+    assert config.trainer.tf32 is False  # before the option, runs had no TF32
+    assert config.data.format == "folder" and config.model.blurpool is False
+    assert not hasattr(config.trainer, "an_option_since_removed")
+    assert config.attention.spec() == PRESETS["se"] and config.model.width == 0.25
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=0", "optim.lr must be > 0, got 0.0"),
+        ("trainer.batch_size=0", "trainer.batch_size must be >= 1, got 0"),
+        ("trainer.label_smoothing=1", r"trainer.label_smoothing must be in \[0, 1\), got 1.0"),
+        ("data.mean=[0.5]", r"data.mean and data.std need one value per channel \(data.in_chans=3\)"),
+        ("data.progressive_from=16", "progressive resizing is for image sets"),
+        ("attention.kernel_size=4", "attention.kernel_size must be a positive odd integer"),
+        ("model.width=-1", "model.width must be > 0"),
+    ],
+)
+def test_values_out_of_range_are_refused_when_the_config_is_built(override, message):
+    from cbam.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        compose_train("experiment=smoke", override)

@@ -1,8 +1,5 @@
 """Exported files load in their own runtimes (onnxruntime, torch.jit, torch.export) and match PyTorch."""
 
-import subprocess
-import sys
-
 import onnxruntime
 import pytest
 import torch
@@ -10,10 +7,10 @@ import torch
 from analysis import export as exporting
 from analysis.export import ExportCheckFailed, export
 from cbam import PRESETS
-from helpers import ROOT, train
+from helpers import run, train
 from models import create_model
 
-CONFIG = {"data": {"in_chans": 3, "image_size": 32}}
+SHAPE = (3, 32, 32)  # channels, height, width
 
 
 def load_and_run(fmt: str, path, images: torch.Tensor) -> torch.Tensor:
@@ -27,11 +24,10 @@ def load_and_run(fmt: str, path, images: torch.Tensor) -> torch.Tensor:
     return torch.export.load(str(path)).module()(images)
 
 
-def check_export(model, fmt, path, config=CONFIG):
-    result = export(model, config, fmt, path)
+def check_export(model, fmt, path, shape=SHAPE):
+    result = export(model, shape, fmt, path)
     assert result.path == path and result.max_abs_diff <= 1e-4
-    data = config["data"]
-    images = torch.randn(5, data["in_chans"], data["image_size"], data["image_size"])  # a batch size not traced
+    images = torch.randn(5, *shape)  # a batch size not traced
     with torch.no_grad():
         expected = model.eval()(images)
         got = load_and_run(fmt, path, images)
@@ -52,7 +48,7 @@ def test_a_file_that_differs_from_pytorch_is_not_kept(tmp_path, monkeypatch):
     monkeypatch.setitem(exporting.WRITERS, "torchscript", (write, lambda path, images: run(path, images) + 1e-3))
     model = create_model("resnet18", 10, "cbam", stem="cifar", width=0.25)
     with pytest.raises(ExportCheckFailed, match="differ from PyTorch's by 0.001"):
-        export(model, CONFIG, "torchscript", tmp_path / "model.pt")
+        export(model, SHAPE, "torchscript", tmp_path / "model.pt")
     assert not list(tmp_path.iterdir())
 
 
@@ -71,13 +67,7 @@ def checkpoint(tmp_path_factory):
 
 
 def export_script(*args):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "export.py"), *map(str, args)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run("scripts/export.py", *map(str, args), check=False)
 
 
 def test_export_script_writes_a_checked_file(checkpoint, tmp_path):
@@ -119,8 +109,7 @@ def test_every_attention_variant_exports(tmp_path, attention):
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet50", "resnext50_32x4d", "wrn18_2", "mobilenet_v1"])  # each block type
 def test_every_backbone_with_cbam_exports(tmp_path, arch):
-    config = {"data": {"in_chans": 3, "image_size": 64}}
     model = create_model(arch, 10, "cbam", width=0.25)
     folder = tmp_path / "exported"
     folder.mkdir()
-    check_export(model, "exported", folder / "m.pt2", config)
+    check_export(model, "exported", folder / "m.pt2", (3, 64, 64))

@@ -20,6 +20,7 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import RandomResizedCrop
 
+from engine.config import DataConfig
 from engine.data import build_batches, eval_geometry
 from engine.data.decode import decode_rgb
 from engine.data.errors import DataError
@@ -70,21 +71,10 @@ def write_tree(root: Path, classes: int = 3, train_per_class: int = 8, val_per_c
         write_odd_images(root / "train" / "n00000000", rng)
 
 
-def image_config(root: Path, fmt: str = "folder", **extra) -> dict:
-    cfg = dict(
-        name="imagenet",
-        root=str(root),
-        format=fmt,
-        num_classes=3,
-        in_chans=3,
-        image_size=32,
-        eval_size=0,
-        resize_size=36,
-        mean=MEAN,
-        std=STD,
-        workers=0,
-    )
-    return {**cfg, **extra}
+def image_config(root: Path, fmt: str = "folder", **extra) -> DataConfig:
+    options = dict(name="imagenet", root=str(root), format=fmt, num_classes=3, in_chans=3, image_size=32)
+    options.update(eval_size=0, resize_size=36, mean=MEAN, std=STD, workers=0)
+    return DataConfig(**{**options, **extra})
 
 
 @pytest.fixture(scope="module")
@@ -451,7 +441,7 @@ def test_progressive_training_changes_the_crop_and_evaluates_at_its_own_size(sha
     r = train_here(tmp_path / "run", *overrides)
     assert sorted({(e, s) for e, s in seen}) == [(0, 32), (1, 64), (2, 64)]  # 48 rounds to 64 (multiples of 32)
     assert r["epochs"] == 3
-    assert eval_geometry({"image_size": 64, "eval_size": 48, "resize_size": 0}) == (55, 48)
+    assert eval_geometry(DataConfig(name="imagenet", num_classes=1, image_size=64, eval_size=48)) == (55, 48)
 
 
 def test_scripts_make_image_folder_writes_imagenet_like_jpegs(tmp_path):

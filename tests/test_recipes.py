@@ -1,5 +1,7 @@
 """Named recipes against the sources they reproduce."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -28,20 +30,20 @@ def ffcv_resolution(epoch: int, min_res: int, max_res: int, end_ramp: int, start
 @pytest.mark.parametrize("epochs, ramp", [(16, (11, 13)), (88, (65, 76))])
 def test_imagenet_fast_is_ffcvs_resnet50_recipe(epochs, ramp):
     config = compose(f"experiment=imagenet_fast/{epochs}_epochs", "attention=cbam", "data.root=/data")
-    d, t, o = config["data"], config["trainer"], config["optim"]
-    assert config["model"]["arch"] == "resnet50" and config["attention"]["name"] == "cbam"
-    assert (t["epochs"], t["batch_size"], t["label_smoothing"], t["eval_flip"]) == (epochs, 8 * 512, 0.1, True)
-    assert (o["name"], o["lr"], o["momentum"], o["weight_decay"], o["nesterov"]) == ("sgd", 1.7, 0.9, 1e-4, False)
-    assert d["format"] == "shards"
+    d, t, o = config.data, config.trainer, config.optim
+    assert config.model.arch == "resnet50" and config.attention.name == "cbam"
+    assert (t.epochs, t.batch_size, t.label_smoothing, t.eval_flip) == (epochs, 8 * 512, 0.1, True)
+    assert (o.name, o.lr, o.momentum, o.weight_decay, o.nesterov) == ("sgd", 1.7, 0.9, 1e-4, False)
+    assert d.format == "shards"
     for epoch in range(epochs):
-        size = train_resolution(epoch, d["image_size"], d["progressive_from"], tuple(d["progressive_epochs"]))
+        size = train_resolution(epoch, d.image_size, d.progressive_from, tuple(d.progressive_epochs))
         assert size == ffcv_resolution(epoch, 160, 192, ramp[1], ramp[0])
     assert eval_geometry(d) == (293, 256) and abs(224 / 256 - 256 / 293) < 0.002  # FFCV: 224/256 crop, at 256
 
     model = build_model(config, pretrained=False)
     optimizer = build_optimizer(model, o)
     steps = 10  # per epoch
-    scheduler = build_scheduler(optimizer, config["sched"], epochs, steps)
+    scheduler = build_scheduler(optimizer, config.sched, epochs, steps)
     for step in [0, 1, 5, 19, 20, 21, 100, epochs * steps // 2, epochs * steps - 1]:
         scheduler.step_update(step)
         assert optimizer.param_groups[0]["lr"] == pytest.approx(ffcv_lr(step / steps, 1.7, epochs), rel=1e-6, abs=1e-9)
@@ -55,7 +57,7 @@ def test_imagenet_fast_is_ffcvs_resnet50_recipe(epochs, ramp):
     expected = [
         n
         for n, m in build_model(
-            {**config, "model": {**config["model"], "blurpool": False}}, pretrained=False
+            dataclasses.replace(config, model=dataclasses.replace(config.model, blurpool=False)), pretrained=False
         ).named_modules()
         if isinstance(m, torch.nn.Conv2d) and max(m.stride) > 1 and m.in_channels >= 16
     ]

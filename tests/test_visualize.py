@@ -1,8 +1,5 @@
 """Grad-CAM against the CAM identity, overlays against matplotlib, scripts/visualize.py on real checkpoints."""
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -12,7 +9,7 @@ from torch import nn
 
 from analysis.gradcam import grad_cam, last_stage
 from analysis.overlay import colorize, normalise, overlay, to_unit_range
-from helpers import ROOT, train
+from helpers import run, train
 from models import create_model
 
 TINY_RUN = ["experiment=smoke", "trainer.epochs=1", "data.train_size=64", "data.val_size=32", "trainer.image_every=0"]
@@ -119,13 +116,7 @@ def checkpoints(tmp_path_factory):
 
 
 def visualize(*args):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "visualize.py"), *map(str, args)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run("scripts/visualize.py", *map(str, args), check=False, timeout=300)
 
 
 def predictions_by_hand(checkpoint, files) -> list[tuple[int, float]]:

@@ -54,21 +54,21 @@ AUTO_DECODE_ON_DEVICE: frozenset[str] = frozenset()
 
 def decodes_on_device(cfg, device: torch.device) -> bool:
     """Whether ``data.decode`` puts JPEG decoding on ``device`` rather than in the CPU workers."""
-    choice = cfg.get("decode", "auto")
+    choice = cfg.decode
     return choice == "device" or (choice == "auto" and device.type in AUTO_DECODE_ON_DEVICE)
 
 
 def eval_geometry(cfg) -> tuple[int, int]:
     """(resize, size) of an image set's evaluation crop: the short side resized to ``data.resize_size``
     (0: 8/7 of the size, 256 for 224), then the centre ``data.eval_size`` square (0: ``data.image_size``)."""
-    size = cfg.get("eval_size") or cfg["image_size"]
-    return cfg.get("resize_size") or round(size * 8 / 7), size
+    size = cfg.eval_size or cfg.image_size
+    return cfg.resize_size or round(size * 8 / 7), size
 
 
 def image_sources(cfg, splits=("train", "val")) -> dict[str, Source]:
     """The splits of an image set (``data.root``/train, /val) in ``data.format``, checked to agree with
     each other and with ``data.num_classes``."""
-    root, fmt = Path(cfg["root"]), cfg.get("format", "folder")
+    root, fmt = Path(cfg.root), cfg.format
     missing = [s for s in splits if not (root / s).is_dir()]
     if missing:
         what = "prepared shards (scripts/prepare_data.py)" if fmt == "shards" else "train/<class>/*.JPEG and val/..."
@@ -80,9 +80,9 @@ def image_sources(cfg, splits=("train", "val")) -> dict[str, Source]:
     first, *others = sources.values()
     if any(s.classes != first.classes for s in others):
         raise DataError(f"train/ and val/ under {root} have different classes; they must hold the same classes")
-    if len(first.classes) != cfg["num_classes"]:
+    if len(first.classes) != cfg.num_classes:
         raise DataError(
-            f"{root} has {len(first.classes)} classes but data.num_classes={cfg['num_classes']}. "
+            f"{root} has {len(first.classes)} classes but data.num_classes={cfg.num_classes}. "
             f"Fix: pass data.num_classes={len(first.classes)}."
         )
     return sources
@@ -99,31 +99,31 @@ def build_batches(
     dtype: torch.dtype = torch.float32,
     train: bool = True,
 ):
-    """(train, val) batches of data config ``cfg`` (a ``DataConfig``-shaped mapping) on ``device``, images
+    """(train, val) batches of data config ``cfg`` (an ``engine.config.DataConfig``) on ``device``, images
     in ``dtype``; with ``train=False`` the training split is not opened and comes back as None."""
     device = torch.device(device)
     dist = dict(rank=rank, world_size=world_size)
-    if cfg["name"] in IMAGE_SETS:
+    if cfg.name in IMAGE_SETS:
         resize, eval_size = eval_geometry(cfg)
         splits = ("train", "val") if train else ("val",)
-        normalize = Normalize(cfg["mean"], cfg["std"], device, dtype)
+        normalize = Normalize(cfg.mean, cfg.std, device, dtype)
         on_device = decodes_on_device(cfg, device)
-        loader = ImageLoader(image_sources(cfg, splits), seed, resize, cfg["workers"], normalize, on_device)
-        progressive = (cfg.get("progressive_from", 0), tuple(cfg.get("progressive_epochs", (0, 0))))
+        loader = ImageLoader(image_sources(cfg, splits), seed, resize, cfg.workers, normalize, on_device)
+        progressive = (cfg.progressive_from, tuple(cfg.progressive_epochs))
         val = ImageBatches(loader, "val", eval_batch_size, seed, eval_size, **dist)
         if not train:
             return None, val
-        return ImageBatches(loader, "train", batch_size, seed, cfg["image_size"], progressive, **dist), val
-    if cfg["name"] not in IN_MEMORY:
-        raise DataError(f"unknown data set {cfg['name']!r}; known: {', '.join(DATASETS)}")
-    train_split, val_split = IN_MEMORY[cfg["name"]](cfg)
-    if train_split.images.shape[1] != cfg["in_chans"]:
+        return ImageBatches(loader, "train", batch_size, seed, cfg.image_size, progressive, **dist), val
+    if cfg.name not in IN_MEMORY:
+        raise DataError(f"unknown data set {cfg.name!r}; known: {', '.join(DATASETS)}")
+    train_split, val_split = IN_MEMORY[cfg.name](cfg)
+    if train_split.images.shape[1] != cfg.in_chans:
         raise DataError(
-            f"{cfg['name']} images have {train_split.images.shape[1]} channels but data.in_chans={cfg['in_chans']}"
+            f"{cfg.name} images have {train_split.images.shape[1]} channels but data.in_chans={cfg.in_chans}"
         )
-    common = dict(mean=cfg["mean"], std=cfg["std"], seed=seed, device=device, dtype=dtype, **dist)
+    common = dict(mean=cfg.mean, std=cfg.std, seed=seed, device=device, dtype=dtype, **dist)
     val = TensorBatches(val_split.images, val_split.labels, eval_batch_size, train=False, **common)
     if not train:
         return None, val
-    augmented = dict(augment=cfg["augment"], crop_padding=cfg["crop_padding"])
+    augmented = dict(augment=cfg.augment, crop_padding=cfg.crop_padding)
     return TensorBatches(train_split.images, train_split.labels, batch_size, train=True, **augmented, **common), val

@@ -224,10 +224,8 @@ def _missing_message(name: str, root: str, exc: Exception | None = None, where: 
 
 # The data sets held in memory, by data.name: their readers of (train, val) uint8 tensors.
 IN_MEMORY = {
-    "fashion_mnist": lambda cfg: load_fashion_mnist(cfg["root"], cfg["download"]),
-    "cifar10": lambda cfg: load_cifar("cifar10", cfg["root"], cfg["download"], cfg.get("verify", True)),
-    "cifar100": lambda cfg: load_cifar("cifar100", cfg["root"], cfg["download"], cfg.get("verify", True)),
-    "synthetic": lambda cfg: synthetic(
-        cfg["num_classes"], cfg["in_chans"], cfg["image_size"], cfg["train_size"], cfg["val_size"]
-    ),
+    "fashion_mnist": lambda cfg: load_fashion_mnist(cfg.root, cfg.download),
+    "cifar10": lambda cfg: load_cifar("cifar10", cfg.root, cfg.download, cfg.verify),
+    "cifar100": lambda cfg: load_cifar("cifar100", cfg.root, cfg.download, cfg.verify),
+    "synthetic": lambda cfg: synthetic(cfg.num_classes, cfg.in_chans, cfg.image_size, cfg.train_size, cfg.val_size),
 }
