@@ -16,8 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as nnf
 
-from .fused import FusedPlan, auto_uses_fused, fused_gated_tail, hooks_present
-from .graphs import CompileFailed
+from .fused import FusedPlan, fused_or_none
 from .spec import AttentionSpec, fused_supported, resolve_spec
 
 
@@ -26,11 +25,9 @@ class AttentionModule(nn.Module):
 
     ``impl`` picks the implementation: "reference" (plain autograd, the methods below),
     "fused" (``cbam.fused``: one autograd Function with generated kernels) or "auto" (fused on the
-    devices where it measured faster, ``cbam.fused.AUTO_FUSED_DEVICES``, when its kernels compile there
-    and the variant is supported; else reference). A fused graph that fails to compile or run falls
-    back to the reference with one warning.
-    Under ``torch.compile`` of a whole model the reference runs and inductor fuses it itself; so it
-    does where forward hooks watch the module or its gates (the fused graphs do not call them).
+    devices where it measured faster, when its kernels compile there and the variant is supported; else
+    reference). ``cbam.fused.dispatch`` decides per call, and says why the reference runs where it does
+    (under ``torch.compile``, with forward hooks, after a compile failure, ...).
     """
 
     impl = "reference"
@@ -42,44 +39,21 @@ class AttentionModule(nn.Module):
     def fused_plan(self, bn: nn.BatchNorm2d | None) -> FusedPlan:
         raise NotImplementedError
 
-    def use_fused(self, x: torch.Tensor) -> bool:
-        # Compilers and exporters see the reference: torch.compile / torch.export fuse it themselves, and
-        # torch.jit.trace cannot record the fused Function's Python-side graphs.
-        if self.impl == "reference" or torch.compiler.is_compiling():
-            return False
-        if torch.jit.is_scripting() or torch.jit.is_tracing():
-            return False
-        if hooks_present(self):
-            return False
-        return self.impl == "fused" or auto_uses_fused(x.device.type)
-
     def forward_tail(
-        self, x: torch.Tensor, bn: nn.Module, shortcut: torch.Tensor, x_is_temporary: bool = False
+        self, x: torch.Tensor, bn: nn.Module, shortcut: torch.Tensor, *, producer: nn.Module | None = None
     ) -> torch.Tensor:
-        """relu(attention(bn(x)) + shortcut): a residual block's tail, fused where possible.
-        ``x_is_temporary``: nothing else reads x afterwards, so evaluation may write the result into it."""
-        if self.use_fused(x) and _fusable_bn(bn):
-            try:
-                return fused_gated_tail(self.fused_plan(bn), x, shortcut, overwrite_x=x_is_temporary)
-            except CompileFailed:  # warned once by cbam.graphs; x is untouched
-                pass
-        return nnf.relu(self(bn(x)) + shortcut, inplace=True)
+        """relu(attention(bn(x)) + shortcut): a residual block's tail, one fused call where possible
+        (``cbam.fused.dispatch``). ``producer``: the module whose output x is (nothing else reads x
+        afterwards, so evaluation may write the result into it)."""
+        y = fused_or_none(self, x, bn, shortcut, producer=producer)
+        return y if y is not None else nnf.relu(self(bn(x)) + shortcut, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_fused(x):
-            try:
-                return fused_gated_tail(self.fused_plan(None), x)
-            except CompileFailed:  # warned once by cbam.graphs
-                pass
-        return self.reference_forward(x)
+        y = fused_or_none(self, x)
+        return y if y is not None else self.reference_forward(x)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
-
-
-def _fusable_bn(bn: nn.Module) -> bool:
-    """A plain affine BatchNorm2d that no hook watches (the fused graphs do not call it)."""
-    return type(bn) is nn.BatchNorm2d and bn.affine and not (bn._forward_hooks or bn._forward_pre_hooks)
 
 
 def _max_over(x: torch.Tensor, dims: tuple[int, ...], keepdim: bool = False) -> torch.Tensor:

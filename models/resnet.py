@@ -33,17 +33,17 @@ class _AttentionBlock(nn.Module):
         channels = inplanes if attention.placement == "pre" else out_planes
         self.attn = build_attention(channels, attention)
 
-    def _finish(self, conv: nn.Conv2d, branch: torch.Tensor, bn: nn.Module, identity: torch.Tensor) -> torch.Tensor:
-        """relu(attention(bn(conv(branch))) + identity) for "residual" (one fused call where the attention
-        module supports it, see ``cbam.fused``), else the plain tail with attention before or after."""
-        x = conv(branch)
+    def bn_attention_add_relu(
+        self, out: torch.Tensor, bn: nn.Module, identity: torch.Tensor, *, conv: nn.Conv2d
+    ) -> torch.Tensor:
+        """The block's end: relu(attention(bn(out)) + identity), the residual addition, with ``placement``
+        residual (one fused call where the attention module supports it, ``cbam.fused``; ``conv`` made
+        ``out``); relu(bn(out) + identity) and then the attention with ``post``, or before it, ``pre``."""
         if self.placement == "residual" and isinstance(self.attn, AttentionModule):
-            # conv's output is this block's own temporary unless a forward hook may have kept it
-            hooked = conv._forward_hooks or nn.modules.module._global_forward_hooks
-            return self.attn.forward_tail(x, bn, identity, x_is_temporary=not hooked)
+            return self.attn.forward_tail(out, bn, identity, producer=conv)
         if self.placement == "residual":  # nn.Identity, or a foreign module such as timm's CbamModule
-            return self.relu(self.attn(bn(x)) + identity)
-        out = self.relu(bn(x) + identity)
+            return self.relu(self.attn(bn(out)) + identity)
+        out = self.relu(bn(out) + identity)
         return self.attn(out) if self.placement == "post" else out
 
     def _branch_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +81,8 @@ class BasicBlock(_AttentionBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(self._branch_input(x))))
-        return self._finish(self.conv2, out, self.bn2, identity)
+        out = self.conv2(out)
+        return self.bn_attention_add_relu(out, self.bn2, identity, conv=self.conv2)
 
 
 class Bottleneck(_AttentionBlock):
@@ -122,7 +123,8 @@ class Bottleneck(_AttentionBlock):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(self._branch_input(x))))
         out = self.relu(self.bn2(self.conv2(out)))
-        return self._finish(self.conv3, out, self.bn3, identity)
+        out = self.conv3(out)
+        return self.bn_attention_add_relu(out, self.bn3, identity, conv=self.conv3)
 
 
 STEMS = ("imagenet", "cifar")

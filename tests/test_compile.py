@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from cbam import graphs
+from cbam.fused import compiler
 from helpers import ROOT, TINY, results, run, train
 from models import create_model
 
@@ -27,8 +27,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def test_unknown_inductor_options_are_left_out(monkeypatch):
     """An option that this torch's inductor lacks (they come and go between releases) is not passed."""
-    monkeypatch.setitem(graphs._ONE_PASS, "an_option_no_inductor_has", 1)
-    options = graphs.inductor_options()
+    monkeypatch.setitem(compiler._ONE_PASS, "an_option_no_inductor_has", 1)
+    options = compiler.inductor_options()
     assert "an_option_no_inductor_has" not in options
     from torch._inductor import config
 

@@ -1,4 +1,4 @@
-"""The hand-written CPU evaluation kernel (cbam/cpu_tail.cpp) against the reference modules: every
+"""The hand-written CPU evaluation kernel (cbam/fused/cpu_tail.cpp) against the reference modules: every
 order it takes, with and without the block's BN, the shortcut, the spatial BN and the conv bias, odd
 channel counts, maps smaller than the conv, output written into x, NaN; which calls it takes; and a
 toolchain that cannot build it."""
@@ -12,8 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from cbam import PRESETS, build_attention, cpu_tail, graphs
-from cbam import fused as fused_mod
+from cbam import PRESETS, build_attention
+from cbam.fused import compiler, cpu_tail, function
+from cbam.fused.graphs import TailConfig
 from models import create_model
 
 pytestmark = pytest.mark.skipif(cpu_tail.library() is None, reason="needs a C++ compiler (as inductor does)")
@@ -24,14 +25,14 @@ KERNEL_VARIANTS = ["se", "channel_max", "channel", "spatial", "cbam", "cbam_para
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Fused graphs as in a normal run (compiled mode), the graph itself forbidden, kernel calls counted."""
-    monkeypatch.setattr(graphs, "KERNEL_MODE", "compiled")
+    monkeypatch.setattr(compiler, "KERNEL_MODE", "compiled")
     calls = []
 
     def no_graph(*args, **kwargs):
         raise AssertionError("the compiled graph ran where the CPU kernel should have")
 
     original = cpu_tail.spatial_output
-    monkeypatch.setattr(fused_mod, "tail_forward", no_graph)
+    monkeypatch.setattr(function, "tail_forward", no_graph)
     monkeypatch.setattr(cpu_tail, "spatial_output", lambda *a: calls.append(a[1].shape) or original(*a))
     return calls
 
@@ -81,7 +82,7 @@ def test_kernel_matches_reference(name, kernel_size, spatial_bn, kernel_calls):
         expected, expected_alone = torch.relu(ref(bn(x)) + sc), ref(x)
         tail, alone = fus.forward_tail(x, bn, sc), fus(x)
         x_reused = x.clone()
-        in_place = fus.forward_tail(x_reused, bn, sc, x_is_temporary=True)
+        in_place = fus.forward_tail(x_reused, bn, sc, producer=torch.nn.Identity())
     assert kernel_calls == [shape] * 3
     _assert_close(tail, expected, "block tail")
     _assert_close(alone, expected_alone, "module without BN and shortcut")
@@ -146,7 +147,7 @@ def test_which_calls_the_kernel_takes():
     assert not cpu_tail.applicable(evaluation, x.double(), sc.double()), "float64"
     assert not cpu_tail.applicable(evaluation, x, sc.contiguous()), "shortcut in another layout"
     assert not cpu_tail.applicable(evaluation, x, sc.bfloat16()), "shortcut in another dtype"
-    spatial_first = fused_mod.TailConfig(**{**dataclasses.asdict(evaluation), "order": "spatial_first"})
+    spatial_first = TailConfig(**{**dataclasses.asdict(evaluation), "order": "spatial_first"})
     assert not cpu_tail.applicable(spatial_first, x, sc), "spatial_first pools F * Ms: not in the kernel"
     bn.train()
     assert not cpu_tail.applicable(plan.config(record=False), x, sc), "batch statistics"
@@ -160,7 +161,7 @@ def test_build_failure_falls_back_and_says_why(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("CBAM_KERNEL_CACHE", str(tmp_path / "cache"))
     cpu_tail.library.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger="cbam.cpu_tail"):
+        with caplog.at_level(logging.WARNING, logger="cbam.fused.cpu_tail"):
             assert cpu_tail.library() is None
         assert "could not be built" in caplog.text
         assert list((tmp_path / "cache").iterdir()) == []

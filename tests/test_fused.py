@@ -1,4 +1,4 @@
-"""Fused CBAM (cbam/fused.py) against the reference modules: forward, input and parameter gradients,
+"""Fused CBAM (cbam/fused/) against the reference modules: forward, input and parameter gradients,
 BatchNorm running statistics, tied maxima, double-precision gradcheck, bytes saved for backward, and
 the compiled kernels. Tests run the fused kernels op by op (conftest) unless they say otherwise."""
 
@@ -7,15 +7,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import logging
 
 import pytest
 import torch
 from torch import nn
 
 from analysis.profile import count_gmacs
-from cbam import PRESETS, AttentionSpecError, build_attention, graphs
-from cbam import fused as fused_mod
-from cbam.fused import fused_gated_tail
+from cbam import PRESETS, AttentionSpecError, build_attention
+from cbam.fused import compiler, dispatch, function, fused_gated_tail, graphs, passes
 from models import create_model
 from models.resnet import BasicBlock, Bottleneck
 
@@ -152,7 +152,7 @@ def _check_inference(name: str, memory_format, device: str = "cpu") -> None:
         y_r = torch.relu(ref(bn(x)) + sc)
         alone_f, alone_r = fus(x), ref(x)  # placement pre/post: no BN, no shortcut
         x_reused = x.clone()
-        y_in_x = fus.forward_tail(x_reused, bn, sc, x_is_temporary=True)
+        y_in_x = fus.forward_tail(x_reused, bn, sc, producer=torch.nn.Identity())
     assert not y_f.requires_grad
     _assert_close(y_f, y_r, "inference output")
     assert y_in_x.data_ptr() == x_reused.data_ptr()
@@ -167,22 +167,31 @@ def test_inference_without_grad_matches_and_builds_no_graph(name, memory_format)
     _check_inference(name, memory_format)
 
 
-def test_hooks_send_the_tail_to_the_reference():
+def test_hooks_send_the_tail_to_the_reference(monkeypatch, caplog):
     """The fused graphs call neither the gates' modules nor the BN: where a forward hook watches one of
-    them (TensorBoard's attention images, a profiler's global hooks), the reference runs instead."""
+    them (TensorBoard's attention images, a profiler's global hooks), the reference runs instead, and the
+    log says why, once."""
     _, fus = _pair("cbam")
     bn, x, sc = _bn(16), torch.randn(3, 16, 6, 5), torch.randn(3, 16, 6, 5)
-    assert fus.use_fused(x)
-    handle = fus.channel_gate.gate.register_forward_hook(lambda *args: None)
-    assert not fus.use_fused(x)
-    handle.remove()
-    with nn.modules.module.register_module_forward_hook(lambda *args: None):
-        assert not fus.use_fused(x)
-    assert fus.use_fused(x)
+    calls, original = [], function.FusedGatedTail.apply
+    monkeypatch.setattr(function.FusedGatedTail, "apply", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(dispatch, "_said", set())
+    fus(x)
+    assert calls == [1]
+    with caplog.at_level(logging.INFO, logger="cbam.fused.dispatch"):
+        handle = fus.channel_gate.gate.register_forward_hook(lambda *args: None)
+        fus(x)
+        handle.remove()
+        with nn.modules.module.register_module_forward_hook(lambda *args: None):
+            fus(x)
+    assert calls == [1]
+    assert caplog.messages == ["CBAM: the reference implementation runs (forward hooks watch it)"]
+    fus(x)
+    assert calls == [1, 1]
     seen = []
     with bn.register_forward_hook(lambda *args: seen.append(1)):
         fus.forward_tail(x, bn, sc)
-    assert seen == [1]
+    assert seen == [1] and calls == [1, 1, 1]  # the BN ran as a module, then the gates alone, fused
 
 
 def test_batch_statistics_without_gradients_update_running_ones():
@@ -202,10 +211,10 @@ def test_batch_statistics_without_gradients_update_running_ones():
 
 def test_hw_tiles_reduce_like_one_step():
     x = torch.randn(2, 5, 14, 12).contiguous(memory_format=torch.channels_last)
-    tile = fused_mod._hw_tile(x)
-    assert tile == 7 and fused_mod._hw_tile(x.contiguous()) == 1
+    tile = passes._hw_tile(x)
+    assert tile == 7 and passes._hw_tile(x.contiguous()) == 1
     for op in (torch.sum, torch.amax, torch.amin):
-        torch.testing.assert_close(fused_mod._reduce_hw(x, op, tile), op(x, dim=(2, 3)))
+        torch.testing.assert_close(passes._reduce_hw(x, op, tile), op(x, dim=(2, 3)))
 
 
 def test_frozen_attention_parameters():
@@ -357,7 +366,7 @@ def test_gate_hooks_fire_once_with_the_reference_values():
 def test_bf16_autocast_close_to_reference(device, monkeypatch):
     """Under bf16 autocast (trainer.amp=bf16); on CUDA with the kernels compiled by inductor (Triton)."""
     if device == "cuda":
-        monkeypatch.setattr(graphs, "KERNEL_MODE", "compiled")
+        monkeypatch.setattr(compiler, "KERNEL_MODE", "compiled")
     ref, fus = (m.to(device) for m in _pair("cbam"))
     bn = _bn(16).to(device).train()
     x, sc = (torch.randn(3, 16, 6, 5).to(device).bfloat16() for _ in range(2))
@@ -388,8 +397,8 @@ def test_whole_model_compile_uses_reference_inside():
     """Under torch.compile of a whole model the fused Function steps aside (inductor fuses the reference)."""
     m = build_attention(16, {"preset": "cbam", "impl": "fused"})
     calls = []
-    original = fused_mod.FusedGatedTail.apply
-    fused_mod.FusedGatedTail.apply = lambda *a: calls.append(1) or original(*a)
+    original = function.FusedGatedTail.apply
+    function.FusedGatedTail.apply = lambda *a: calls.append(1) or original(*a)
     try:
         x = torch.randn(2, 16, 4, 4)
         m(x)
@@ -397,22 +406,22 @@ def test_whole_model_compile_uses_reference_inside():
         torch.compile(m, backend="eager")(x)
         assert calls == [1]
     finally:
-        fused_mod.FusedGatedTail.apply = original
+        function.FusedGatedTail.apply = original
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not graphs.toolchain_available("cpu"), reason="inductor needs a C++ compiler on CPU")
+@pytest.mark.skipif(not compiler.toolchain_available("cpu"), reason="inductor needs a C++ compiler on CPU")
 @pytest.mark.parametrize("name", ["cbam", "cbam_spatial_first"])
 def test_compiled_kernels_match_reference(name, monkeypatch):
     """The same comparison with the kernels compiled by inductor (C++): training, evaluation with
     gradients (the Function) and without (one graph)."""
-    monkeypatch.setattr(graphs, "KERNEL_MODE", "compiled")
+    monkeypatch.setattr(compiler, "KERNEL_MODE", "compiled")
     # The trainer counts GMACs under FlopCounterMode first: that runs eagerly and must not disable compilation.
     count_gmacs(build_attention(16, {"preset": name, "impl": "fused"}), (16, 6, 5))
     for training in (True, False):
         _check_tail(name, training, torch.channels_last)
     _check_inference(name, torch.channels_last)
-    tail_graphs = (fused_mod.tail_forward, fused_mod.tail_backward)
+    tail_graphs = (graphs.tail_forward, graphs.tail_backward)
     assert all(graph.compiled is not None and not graph.failed for graph in tail_graphs)
 
 
@@ -429,17 +438,17 @@ def _without_tf32():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(
-    not torch.cuda.is_available() or not graphs.toolchain_available("cuda"), reason="needs a CUDA GPU and Triton"
+    not torch.cuda.is_available() or not compiler.toolchain_available("cuda"), reason="needs a CUDA GPU and Triton"
 )
 @pytest.mark.parametrize("name", ["cbam", "cbam_spatial_first"])
 def test_triton_kernels_match_reference(name, monkeypatch):
     """On CUDA, the kernels compiled by inductor (Triton) against the reference in float32 (TF32 off, or
     the reference's own convs and matmuls would be the less exact side): training, evaluation with
     gradients and without, channels_last."""
-    monkeypatch.setattr(graphs, "KERNEL_MODE", "compiled")
+    monkeypatch.setattr(compiler, "KERNEL_MODE", "compiled")
     with _without_tf32():
         for training in (True, False):
             _check_tail(name, training, torch.channels_last, device="cuda")
         _check_inference(name, torch.channels_last, device="cuda")
-    tail_graphs = (fused_mod.tail_forward, fused_mod.tail_backward)
+    tail_graphs = (graphs.tail_forward, graphs.tail_backward)
     assert all(graph.compiled is not None and not graph.failed for graph in tail_graphs)

@@ -117,12 +117,20 @@ void descriptor(const float* __restrict rows, int64_t channels, int64_t count, c
   }
 }
 
-// Eq. (3) for output row o: conv_kxk([max; mean]) with zero padding, then BN (as scale, shift), sigmoid.
-// dmax and dmean hold rows of width + 2 * pad with zeros at both ends, so the conv is a sum of shifted
-// rows, vectorised along w.
+// The spatial gate's k x k conv (2 input maps) and what follows it, z * scale + shift (its bias and BN).
+struct SpatialConv {
+  const float* weight;
+  int64_t ksize;
+  float scale, shift;
+};
+
+// Eq. (3) for output row o of a height x width map: conv_kxk([max; mean]) with zero padding, then BN (as
+// scale, shift), sigmoid. dmax and dmean hold rows of width + 2 * pad with zeros at both ends, so the
+// conv is a sum of shifted rows, vectorised along w.
 void spatial_gate_row(const float* dmax, const float* dmean, int64_t o, int64_t height, int64_t width,
-                      const float* weight, int64_t ksize, float scale, float shift, float* __restrict z) {
-  const int64_t pad = ksize / 2, stride = width + 2 * pad;
+                      const SpatialConv& conv, float* __restrict z) {
+  const float* weight = conv.weight;
+  const int64_t ksize = conv.ksize, pad = ksize / 2, stride = width + 2 * pad;
   std::fill(z, z + width, 0.0f);
   for (int64_t i = 0; i < ksize; ++i) {
     const int64_t hh = o + i - pad;
@@ -135,12 +143,29 @@ void spatial_gate_row(const float* dmax, const float* dmean, int64_t o, int64_t 
       for (int64_t w = 0; w < width; ++w) z[w] += w_max * pmax[w] + w_mean * pmean[w];
     }
   }
-  for (int64_t w = 0; w < width; ++w) z[w] = 1.0f / (1.0f + std::exp(-(z[w] * scale + shift)));
+  for (int64_t w = 0; w < width; ++w) z[w] = 1.0f / (1.0f + std::exp(-(z[w] * conv.scale + conv.shift)));
 }
 
 }  // namespace
 
 extern "C" {
+
+// cbam_spatial_output's arguments (mirrored by cpu_tail.py's SpatialOutputArgs): the block's conv output
+// x and the result out (N, H, W, C memory), the shortcut (null: none), F = x * s + t per channel, the
+// channel gate a (N, C; null: none), whether the spatial descriptor pools F * a (desc_gated) or F, and
+// the spatial gate's conv (weight null: no spatial gate), bias (null: none) and BatchNorm (null: none).
+struct SpatialOutputArgs {
+  const float* x;
+  float* out;
+  const float* shortcut;
+  int64_t n_img, channels, height, width;
+  const float *s, *t, *a;
+  int64_t desc_gated;
+  const float *weight, *bias;
+  int64_t ksize;
+  const float *sbn_gamma, *sbn_beta, *sbn_mean, *sbn_var;
+  double sbn_eps;
+};
 
 // Pass 1: AvgPool and MaxPool over H, W of F (the channel gate's descriptors) into avg and max (N, C),
 // one image per task.
@@ -157,17 +182,20 @@ void cbam_channel_pool(const float* x, int64_t n_img, int64_t channels, int64_t 
 // relu((x * os + ot) * b + shortcut) with x * os + ot = F * a. The row being written was read k // 2 rows
 // ago, so it comes from L2 rather than memory. out may be x itself: a row is overwritten only after
 // every descriptor row that reads it. Without a spatial gate (weight null) b = 1.
-void cbam_spatial_output(const float* x, float* out, const float* shortcut, int64_t n_img, int64_t channels,
-                         int64_t height, int64_t width, const float* s, const float* t, const float* a,
-                         int desc_gated, const float* weight, const float* bias, int64_t ksize,
-                         const float* sbn_gamma, const float* sbn_beta, const float* sbn_mean,
-                         const float* sbn_var, double sbn_eps) {
-  const int64_t pad = weight ? ksize / 2 : 0;
-  float scale = 1.0f, shift = bias ? bias[0] : 0.0f;
-  if (sbn_gamma) {  // BN(z + bias) = (z + bias - mean) * gamma / sqrt(var + eps) + beta
-    const float invstd = static_cast<float>(1.0 / std::sqrt(static_cast<double>(sbn_var[0]) + sbn_eps));
-    scale = invstd * sbn_gamma[0];
-    shift = (shift - sbn_mean[0]) * scale + sbn_beta[0];
+void cbam_spatial_output(const SpatialOutputArgs* args) {
+  const float* x = args->x;
+  float* out = args->out;
+  const float* shortcut = args->shortcut;
+  const int64_t n_img = args->n_img, channels = args->channels, height = args->height, width = args->width;
+  const float *s = args->s, *t = args->t, *a = args->a, *weight = args->weight;
+  const bool desc_gated = args->desc_gated != 0;
+  const int64_t pad = weight ? args->ksize / 2 : 0;
+  SpatialConv conv{weight, args->ksize, 1.0f, args->bias ? args->bias[0] : 0.0f};
+  if (args->sbn_gamma) {  // BN(z + bias) = (z + bias - mean) * gamma / sqrt(var + eps) + beta
+    const double var = static_cast<double>(args->sbn_var[0]);
+    const float invstd = static_cast<float>(1.0 / std::sqrt(var + args->sbn_eps));
+    conv.scale = invstd * args->sbn_gamma[0];
+    conv.shift = (conv.shift - args->sbn_mean[0]) * conv.scale + args->sbn_beta[0];
   }
 #pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < n_img; ++n) {
@@ -195,7 +223,7 @@ void cbam_spatial_output(const float* x, float* out, const float* shortcut, int6
       }
       const int64_t o = r - pad;
       if (o < 0) continue;
-      if (weight) spatial_gate_row(dmax.data(), dmean.data(), o, height, width, weight, ksize, scale, shift, b.data());
+      if (weight) spatial_gate_row(dmax.data(), dmean.data(), o, height, width, conv, b.data());
       for (int64_t w = 0; w < width; ++w) {
         const int64_t offset = ((n * height + o) * width + w) * channels;
         const float* row = x + offset;

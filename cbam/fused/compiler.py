@@ -2,8 +2,9 @@
 
 One idea: a compiler must never stop a run. ``CompiledGraph`` compiles a function once per static
 configuration and shape and logs each compilation with its time; any error while building or running
-a compiled graph warns once, raises ``CompileFailed`` (the caller runs the reference instead) and marks
-the device so that ``kernel_mode`` reports no toolchain there from then on.
+a compiled graph warns once, raises ``CompileFailed`` (``cbam.fused.dispatch`` runs the reference instead;
+a backward runs its own equations op by op) and marks the device so that ``kernel_mode`` reports no
+toolchain there from then on.
 """
 
 from __future__ import annotations
@@ -86,10 +87,12 @@ def _compile_settings(device_type: str):
 
 class CompiledGraph:
     """``fn(cfg, *tensors)`` compiled with inductor, or run eagerly (``kernel_mode``).
-    ``cfg`` (a hashable, static configuration) is specialised on: one graph per configuration and shape."""
+    ``cfg`` (a hashable, static configuration) is specialised on: one graph per configuration and shape.
+    If it cannot be compiled or run compiled: ``fallback(cfg, *tensors)`` where one is given (a backward,
+    which must produce its gradients), else ``CompileFailed`` (the caller runs the reference)."""
 
-    def __init__(self, fn):
-        self.fn = fn
+    def __init__(self, fn, fallback=None):
+        self.fn, self.fallback = fn, fallback
         self.compiled = None
         self.failed = False
         self._shapes: set = set()  # (cfg, shape, dtype, device type) already compiled
@@ -104,6 +107,8 @@ class CompiledGraph:
         tic = time.perf_counter()
         with _compile_settings(x.device.type):
             out = self._run(cfg, x, *args)
+        if self.failed:  # ran the fallback
+            return out
         self._shapes.add(key)
         log.info(
             "fused CBAM: compiled %s for %s blocks of shape %s (%s) in %.1f s",
@@ -130,12 +135,15 @@ class CompiledGraph:
             _failed_devices.add(x.device.type)
             log.warning(
                 "fused CBAM: its %s graph could not be compiled or run on %s (%s: %s); CBAM runs the reference "
-                "implementation from now on",
+                "implementation from now on%s",
                 self.fn.__name__.strip("_"),
                 x.device.type,
                 type(err).__name__,
                 str(err).splitlines()[0] if str(err) else "",
+                " (this step's gradients: the same equations op by op)" if self.fallback else "",
             )
+            if self.fallback is not None:
+                return self.fallback(cfg, x, *args)
             raise CompileFailed(str(err)) from err
 
 

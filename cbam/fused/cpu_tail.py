@@ -91,8 +91,7 @@ def library() -> ctypes.CDLL | None:
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.cbam_channel_pool.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr]
     lib.cbam_channel_pool.restype = None
-    lib.cbam_spatial_output.argtypes = [ptr, ptr, ptr, *[i64] * 4, ptr, ptr, ptr, ctypes.c_int, ptr, ptr, i64]
-    lib.cbam_spatial_output.argtypes += [ptr] * 4 + [ctypes.c_double]
+    lib.cbam_spatial_output.argtypes = [ctypes.POINTER(SpatialOutputArgs)]
     lib.cbam_spatial_output.restype = None
     return lib
 
@@ -129,34 +128,47 @@ def channel_pool(x: torch.Tensor, s: torch.Tensor, t: torch.Tensor):
     return avg, mx
 
 
-def spatial_output(cfg, x, shortcut, s, t, a, conv, out: torch.Tensor) -> torch.Tensor:
-    """out = relu(F * a * b + shortcut) with b = Ms of ``cfg``'s spatial gate (1 without one)."""
+class SpatialOutputArgs(ctypes.Structure):
+    """``cbam_spatial_output``'s arguments, as the struct of the same name in cpu_tail.cpp lays them out."""
+
+    _fields_ = [
+        *[(name, ctypes.c_void_p) for name in ("x", "out", "shortcut")],
+        *[(name, ctypes.c_int64) for name in ("n_img", "channels", "height", "width")],
+        *[(name, ctypes.c_void_p) for name in ("s", "t", "a")],
+        ("desc_gated", ctypes.c_int64),
+        *[(name, ctypes.c_void_p) for name in ("weight", "bias")],
+        ("ksize", ctypes.c_int64),
+        *[(name, ctypes.c_void_p) for name in ("sbn_gamma", "sbn_beta", "sbn_mean", "sbn_var")],
+        ("sbn_eps", ctypes.c_double),
+    ]
+
+
+def spatial_output(cfg, x, shortcut, affine, a, conv, out: torch.Tensor) -> torch.Tensor:
+    """out = relu(F * a * b + shortcut) with F = x * s + t (``affine``: (s, t)) and b = Ms of ``cfg``'s
+    spatial gate (1 without one; ``conv``: its ``SpatialParams``)."""
     n, c, h, w = x.shape
-    weight = bias = gamma = beta = mean = var = None
-    k = 0
+    s, t = affine
+    weight = bias = None
+    bn = (None,) * 4
     if cfg.spatial:
-        weight, bias, gamma, beta, mean, var = (_f32(p) for p in conv)
-        k = weight.shape[-1]
-    desc_gated = int(cfg.order == "channel_first")
-    library().cbam_spatial_output(
-        x.data_ptr(),
-        out.data_ptr(),
-        _ptr(shortcut),
+        weight, bias = _f32(conv.weight), _f32(conv.bias)
+        if conv.bn is not None:
+            bn = tuple(_f32(p) for p in conv.bn)
+    kept = (x, out, shortcut, s, t, a, weight, bias, *bn)  # alive until the call returns
+    args = SpatialOutputArgs(
+        *(_ptr(p) for p in kept[:3]),
         n,
         c,
         h,
         w,
-        s.data_ptr(),
-        t.data_ptr(),
-        _ptr(a),
-        desc_gated,
+        *(_ptr(p) for p in kept[3:6]),
+        int(cfg.order == "channel_first"),
         _ptr(weight),
         _ptr(bias),
-        k,
-        _ptr(gamma),
-        _ptr(beta),
-        _ptr(mean),
-        _ptr(var),
+        0 if weight is None else weight.shape[-1],
+        *(_ptr(p) for p in bn),
         cfg.spatial_bn_eps,
     )
+    library().cbam_spatial_output(ctypes.byref(args))
+    del kept
     return out
