@@ -7,8 +7,12 @@
 Every run folder below the given paths (a folder with ``.hydra/config.yaml``) is read: its
 ``results.json`` for final metrics and its TensorBoard events for validation curves. Runs are grouped by
 every config field that varies between them, except the seed; each row reports the number of seeds,
-mean +- std (sample std, n-1) of top-1 and top-5 error, params, GMACs and images/s, and, for ImageNet
-variants the paper reports, the paper's error and the difference. Runs without a finished
+mean +- std (sample std, n-1) of top-1 and top-5 error, params, GMACs and training images/s, and, for
+ImageNet variants the paper reports, the paper's error and the difference. Against a baseline
+attention variant (``--baseline``, default ``none``; the same other fields), each row also gets the mean
+difference of top-1 error paired by seed, with its 95% confidence interval (Student's t,
+``analysis.stats``), marked * where the interval excludes zero: a difference that the seeds' spread
+cannot explain. A line above the table names the data set, epochs and recipe. Runs without a finished
 ``results.json`` are listed as unfinished or failed, never averaged.
 """
 
@@ -26,6 +30,7 @@ from pathlib import Path
 import yaml
 
 from analysis.paper import find_row
+from analysis.stats import PairedDifference, paired_difference
 from engine.sweep import read_status
 from models import backbone_options
 
@@ -153,24 +158,65 @@ def summarise(varying: list[str], variant: Variant) -> dict:
     return row
 
 
+def compare(varying: list[str], variants: list[Variant], baseline: str) -> dict[tuple, PairedDifference]:
+    """Each variant's top-1 error against the variant whose attention is ``baseline`` and whose other
+    varying fields are the same, paired by seed (variants without such a baseline, and the baseline
+    itself, are left out)."""
+    if "attention.name" not in varying:
+        return {}
+    at = varying.index("attention.name")
+    by_key = {v.key: v for v in variants}
+    out = {}
+    for v in variants:
+        base = by_key.get((*v.key[:at], baseline, *v.key[at + 1 :]))
+        if base is None or base is v:
+            continue
+        out[v.key] = paired_difference(_errors_by_seed(v), _errors_by_seed(base))
+    return out
+
+
+def _errors_by_seed(variant: Variant) -> dict[int, float]:
+    return {r.config["seed"]: r.results["top1_err"] for r in variant.finished}
+
+
+def describe(runs: list[Run]) -> str:
+    """The line above the table: what was trained and how, for every value found among the runs."""
+    parts = []
+    for label, key in [
+        ("data", ("data", "name")),
+        ("epochs", ("trainer", "epochs")),
+        ("optim", ("optim", "name")),
+        ("lr", ("optim", "lr")),
+        ("schedule", ("sched", "name")),
+        ("batch", ("trainer", "batch_size")),
+        ("experiment", ("name",)),
+    ]:
+        values = []
+        for r in runs:
+            node = r.config
+            for k in key:
+                node = node.get(k) if isinstance(node, dict) else None
+            if node is not None and node not in values:
+                values.append(node)
+        if values:
+            parts.append(f"{label} {', '.join(map(str, values))}")
+    return "; ".join(parts)
+
+
 def _pm(mean: float, std: float) -> str:
     if math.isnan(mean):  # no finished seed
         return "–"
     return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
 
 
-def markdown(rows: list[dict], label_keys: list[str]) -> str:
-    head = [
-        *label_keys,
-        "seeds",
-        "top-1 err (%)",
-        "top-5 err (%)",
-        "params (M)",
-        "GMACs",
-        "img/s",
-        "paper top-1 / top-5",
-        "diff top-1",
-    ]
+def markdown(rows: list[dict], label_keys: list[str], baseline: str | None = None) -> str:
+    """The table; the paired-difference column with a ``baseline``, the paper's columns where a row has them."""
+    with_paper = any(r["paper_top1_err"] is not None for r in rows)
+    head = [*label_keys, "seeds", "top-1 err (%)", "top-5 err (%)", "params (M)", "GMACs", "training img/s"]
+    if baseline is not None:
+        head.append(f"top-1 err - {baseline} (95% CI, paired t)")
+    if with_paper:
+        head += ["paper top-1 / top-5", "diff top-1"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         paper = "–"
@@ -186,11 +232,22 @@ def markdown(rows: list[dict], label_keys: list[str]) -> str:
             f"{r['params_m']:.3f}",
             f"{r['gmacs']:.4f}",
             f"{r['img_per_s']:.0f}",
-            paper,
-            diff,
         ]
+        if baseline is not None:
+            cells.append(_paired(r))
+        if with_paper:
+            cells += [paper, diff]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _paired(row: dict) -> str:
+    if row.get("diff_pairs") is None:
+        return "–"
+    if row["diff_pairs"] < 2:
+        return f"{row['diff_mean']:+.2f} (one seed)"
+    mark = " *" if row["diff_significant"] else ""
+    return f"{row['diff_mean']:+.2f} ({row['diff_low']:+.2f} to {row['diff_high']:+.2f}){mark}"
 
 
 def val_curve(run: Run) -> list[tuple[int, float]]:
@@ -212,24 +269,26 @@ def plot(rows: list[dict], variants: list[Variant], labels: list[str], path: Pat
     from matplotlib.ticker import MaxNLocator
 
     fig, (ax_bar, ax_curve) = plt.subplots(1, 2, figsize=(12, 4.5))
-    xs = range(len(rows))
-    stds = [0.0 if math.isnan(r["top1_err_std"]) else r["top1_err_std"] for r in rows]
-    ax_bar.errorbar(xs, [r["top1_err"] for r in rows], yerr=stds, fmt="o", capsize=4)
-    ax_bar.set_xticks(list(xs), labels, rotation=30, ha="right")
+    colours = [plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")(i % 20) for i in range(len(rows))]
+    for x, (r, colour) in enumerate(zip(rows, colours, strict=True)):  # one colour per variant in both panels
+        std = 0.0 if math.isnan(r["top1_err_std"]) else r["top1_err_std"]
+        ax_bar.errorbar([x], [r["top1_err"]], yerr=[std], fmt="o", capsize=4, color=colour)
+    ax_bar.set_xticks(list(range(len(rows))), labels, rotation=30, ha="right")
     ax_bar.set_ylabel("top-1 error (%), mean ± std over seeds")
     ax_bar.set_title("final validation error")
-    for label, variant in zip(labels, variants, strict=True):
+    for label, variant, colour in zip(labels, variants, colours, strict=True):
         curves = [c for c in (val_curve(r) for r in variant.finished) if c]
         if not curves:
             continue
         steps = sorted({s for c in curves for s, _ in c})
         mean = [statistics.fmean(v for c in curves for s2, v in c if s2 == s) for s in steps]
-        ax_curve.plot(steps, mean, marker=".", label=label)
+        ax_curve.plot(steps, mean, marker=".", label=label, color=colour)
     ax_curve.set_xlabel("epoch")
     ax_curve.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_curve.set_ylabel("validation top-1 error (%), mean over seeds")
     ax_curve.set_title("validation curves")
-    ax_curve.legend(fontsize=8)
+    if ax_curve.lines:
+        ax_curve.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -241,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=None, help="folder for ablation.csv / ablation.png (default: the first path)"
     )
+    parser.add_argument(
+        "--baseline", default="none", help="the attention variant that the others are compared with (default: none)"
+    )
     args = parser.parse_args(argv)
     missing = [str(p) for p in args.paths if not p.is_dir()]
     if missing:
@@ -250,8 +312,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no runs found (folders with .hydra/config.yaml) under the given paths")
     varying, variants = group(runs)
     rows = [summarise(varying, v) for v in variants]
+    differences = compare(varying, variants, args.baseline)
+    for row, variant in zip(rows, variants, strict=True):
+        d = differences.get(variant.key)
+        row.update(
+            diff_pairs=d.pairs if d else None,
+            diff_mean=d.mean if d else None,
+            diff_low=d.low if d else None,
+            diff_high=d.high if d else None,
+            diff_significant=d.significant if d else None,
+        )
     label_keys = [short(k) for k in varying] or ["variant"]
-    print(markdown(rows, label_keys))
+    print(describe(runs) + "\n")
+    print(markdown(rows, label_keys, args.baseline if differences else None))
+    if differences:
+        print(f"\n* the 95% interval of the difference from {args.baseline} (paired by seed) excludes zero")
     bad = [r for r in runs if r.status != "finished"]
     if bad:
         print("\nNot averaged (unfinished or failed):")

@@ -110,7 +110,7 @@ def test_ablation_table_on_a_real_multirun(tmp_path):
         cwd=ROOT,
         check=True,
     )
-    header = proc.stdout.splitlines()[0]
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("| "))
     assert "| attention |" in header and "| seed |" not in header and "| name |" not in header and "pool" not in header
     assert "failed (non-finite: the loss or the gradients were not finite in the last" in proc.stdout
     assert f"): {failed}" in proc.stdout
