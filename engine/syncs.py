@@ -72,9 +72,7 @@ def count_step_syncs(trainer, counter: SyncCounter) -> dict:
     real_step, real_batches = trainer.train_step, trainer.train_batches.batches
 
     def step(x, y):
-        logs = (trainer.global_step + 1) % trainer.t[
-            "log_every"
-        ] == 0 or trainer.next_batch + 1 == trainer.steps_per_epoch
+        logs = (trainer.global_step + 1) % trainer.t.log_every == 0 or trainer.next_batch + 1 == trainer.steps_per_epoch
         if logs:
             return real_step(x, y)
         tally["steps"] += 1
