@@ -4,21 +4,28 @@
 # command lines and scripts' output, the same under any torch, and run with the newest), then a short
 # train.py run with the default CBAM, which must run the fused attention with its kernels compiled (not
 # the fallback to the reference).
+#   bash scripts/test_oldest_torch.sh            # install, then test
+#   bash scripts/test_oldest_torch.sh install    # the environment alone (.ci/run builds it beside the other)
+#   bash scripts/test_oldest_torch.sh test       # the tests, in the environment built before
 set -euo pipefail
 cd "$(dirname "$0")/.."
+step=${1:-all}
 torch=2.4.1 torchvision=0.19.1  # keep equal to the lower bounds in pyproject.toml
-python3 -m venv .venv-oldest
-.venv-oldest/bin/pip install -q -e ".[dev]" "torch==$torch" "torchvision==$torchvision"
+if [ "$step" != test ]; then
+  python3 -m venv .venv-oldest
+  .venv-oldest/bin/pip install -q -e ".[dev]" "torch==$torch" "torchvision==$torchvision"
+fi
+[ "$step" = install ] && exit 0
 .venv-oldest/bin/python -c "import torch, torchvision; print('oldest supported: torch', torch.__version__, \
 'torchvision', torchvision.__version__)"
 .venv-oldest/bin/python -m pytest -q -m "not slow and not any_torch"
 run=$(mktemp -d)
 .venv-oldest/bin/python train.py experiment=smoke "hydra.run.dir=$run" trainer.device=cpu >"$run/console.log" 2>&1 \
   || { cat "$run/console.log"; exit 1; }
-.venv-oldest/bin/python - "$run" <<'EOF'
+.venv-oldest/bin/python - "$run" <<'PY'
 import json, sys
 settings = json.load(open(f"{sys.argv[1]}/results.json"))["settings"]
 assert settings["attention_impl"] == "fused", f"the default CBAM fell back to the reference: {settings}"
 print("train.py with the default CBAM:", settings)
-EOF
+PY
 rm -rf "$run"
