@@ -23,7 +23,10 @@ register_configs("eval")  # its only config: the EvalConfig schema (no YAML fold
 log = logging.getLogger("cbam")
 # The console only, nothing written into the current folder (JSON beside the checkpoint unless output=).
 sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra.job.chdir=false"]
-USAGE = "python eval.py checkpoint=PATH [batch_size=N] [device=auto|cpu|cuda] [data_root=PATH] [output=FILE.json]"
+USAGE = (
+    "python eval.py checkpoint=PATH [ema=true] [batch_size=N] [device=auto|cpu|cuda] [data_root=PATH] "
+    "[output=FILE.json]"
+)
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict:
@@ -53,7 +56,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     dtype = amp_dtype(trainer.amp, device)
     _, val_batches = build_batches(data, 1, batch_size, config.seed, device, dtype=dtype or torch.float32, train=False)
     model = build_model(config, pretrained=False)
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(ckpt_io.weights(ckpt, path, ema=cfg.ema))
     params, gmacs = count_params(model), count_gmacs(model, (data.in_chans, data.image_size, data.image_size))
     model.to(device)
     if trainer.channels_last:
@@ -76,6 +79,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
         "gmacs": gmacs,
         "img_per_s": summary["samples"] / elapsed,
         "epoch": ckpt["progress"]["epoch"],
+        "weights": "ema" if cfg.ema else "trained",
         "model": config.model.arch,
         "attention": config.attention.name,
         "data": data.name,
@@ -95,7 +99,8 @@ def main(cfg: DictConfig) -> None:
     output = Path(cfg.output or Path(cfg.checkpoint).with_name(f"eval_{Path(cfg.checkpoint).stem}.json"))
     output.write_text(json.dumps(results, indent=2))
     print(
-        f"{results['model']} + {results['attention']} on {results['data']} (epoch {results['epoch']}): "
+        f"{results['model']} + {results['attention']} on {results['data']} (epoch {results['epoch']}"
+        f"{', EMA weights' if cfg.ema else ''}): "
         f"top-1 {results['top1']:.2f}% (err {results['top1_err']:.2f}), top-5 {results['top5']:.2f}% "
         f"(err {results['top5_err']:.2f}), {results['params'] / 1e6:.3f}M params, {results['gmacs']:.4f} GMACs, "
         f"{results['img_per_s']:.0f} img/s -> {output}"

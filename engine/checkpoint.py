@@ -111,6 +111,18 @@ def architecture(config: dict) -> dict:
     return flat
 
 
+def weights(ckpt: dict, path, ema: bool = False) -> dict:
+    """A checkpoint's trained weights, or the EMA of them (``ema``; refused, with the fix, if the run kept none)."""
+    if not ema:
+        return ckpt["model"]
+    if ckpt.get("ema") is None:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds no EMA of the weights (its run had trainer.ema_decay=0). Fix: leave "
+            "out the EMA option to use the trained weights, or train with trainer.ema_decay=0.9998 (say)."
+        )
+    return ckpt["ema"]
+
+
 def check_same_architecture(ckpt_config: dict, config: dict, path) -> None:
     """Refuse a checkpoint whose network differs from the configured one, naming the differences."""
     theirs, ours = architecture(ckpt_config), architecture(config)

@@ -218,6 +218,8 @@ class TrainerConfig(_Checked):
     label_smoothing: float = 0.0
     max_nonfinite_steps: int = 10  # steps in a row with a skipped update (not finite) before the run stops
     eval_flip: bool = False  # evaluation: the mean of the logits of each image and its mirror image (FFCV's TTA)
+    ema_decay: float = 0.0  # an exponential moving average of the weights (timm's ModelEmaV3), also evaluated; 0 = off
+    ema_warmup: bool = False  # the EMA's decay grows with the step (timm's warmup: 1 - (1 + step)^-2/3) up to ema_decay
     grad_clip: float = 0.0  # max global grad norm; 0 = off
     log_every: int = 50  # steps between plain log lines (when stdout is not a terminal)
     image_every: int = 5  # epochs between attention-map images in TensorBoard; 0 = off
@@ -239,6 +241,7 @@ class TrainerConfig(_Checked):
         )
         _require(self.grad_clip >= 0, f"trainer.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         _require(self.stop_grace_s > 0, f"trainer.stop_grace_s must be > 0, got {self.stop_grace_s}")
+        _require(0 <= self.ema_decay < 1, f"trainer.ema_decay must be in [0, 1) (0 = no EMA), got {self.ema_decay}")
 
 
 @dataclass
@@ -270,6 +273,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     checkpoint: str = MISSING
+    ema: bool = False  # evaluate the EMA of the weights (a run trained with trainer.ema_decay > 0)
     output: Optional[str] = None  # JSON path; default: eval_<checkpoint name>.json beside it
     batch_size: int = 0  # 0: the training run's eval batch size
     device: str = "auto"

@@ -9,6 +9,7 @@ import torch
 from models import create_model
 
 from .checkpoint import load as load_checkpoint
+from .checkpoint import weights
 from .config import TrainConfig, from_dict
 
 
@@ -22,11 +23,11 @@ def build_model(config: TrainConfig, pretrained: bool = True) -> torch.nn.Module
     return create_model(m.arch, d.num_classes, config.attention.spec(), in_chans=d.in_chans, stem=stem, **options)
 
 
-def load_model(path) -> tuple[torch.nn.Module, TrainConfig]:
-    """A checkpoint's network with its weights, on the CPU in eval mode, and the config it was trained
-    with (``engine.checkpoint.CheckpointError`` if the file cannot be read)."""
+def load_model(path, ema: bool = False) -> tuple[torch.nn.Module, TrainConfig]:
+    """A checkpoint's network with its weights (``ema``: the EMA of them), on the CPU in eval mode, and the
+    config it was trained with (``engine.checkpoint.CheckpointError`` if the file cannot be read)."""
     ckpt = load_checkpoint(path)
     config = from_dict(ckpt["config"])
     model = build_model(config, pretrained=False)
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(weights(ckpt, path, ema=ema))
     return model.eval(), config

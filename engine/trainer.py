@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from analysis.profile import count_gmacs, count_params
@@ -159,6 +160,8 @@ class Trainer:
             self.meter.update(loss, logits, y, skip=skipped)
             self.global_step += 1
             self.next_batch += 1
+            if self.ema is not None:  # on the device; its first update copies the weights
+                self.ema.update(self.model, step=self.global_step)
 
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss and logits of one batch, gradients computed. A compiled model compiles in this process's
@@ -196,17 +199,25 @@ class Trainer:
         return loss, logits
 
     def evaluate(self) -> dict:
-        """The validation split's loss and top-1/top-5, summed over the ranks."""
+        """The validation split's loss and top-1/top-5, summed over the ranks; with an EMA of the weights,
+        its figures too, under ``"ema"``."""
         self.eval_tic = time.perf_counter()
+        val = self._evaluate(self.model)
+        if self.ema is not None:
+            val["ema"] = self._evaluate(self.ema.module)
+        return val
+
+    def _evaluate(self, model: torch.nn.Module) -> dict:
+        t = self.t
         meter = evaluate(
-            self.model,
+            model,
             self.val_batches,
             self.criterion,
             self.device,
             self.amp_dtype,
-            self.t.channels_last,
-            self.t.limit_val_batches,
-            self.t.eval_flip,
+            t.channels_last,
+            t.limit_val_batches,
+            t.eval_flip,
         )
         return meter.summary(dist.all_reduce_sum(meter.sums))
 
@@ -219,10 +230,13 @@ class Trainer:
             if is_best:
                 self.best_top1, self.best_epoch = val["top1"], self.epoch
             lr = self.optimizer.param_groups[0]["lr"]
+            ema = val.pop("ema", None)
             self.history.append({"epoch": self.epoch, "train": train, "val": val, "lr": lr})
+            if ema is not None:
+                self.history[-1]["val_ema"] = ema
             self._save(("last.pt", "best.pt") if is_best else ("last.pt",))
             if self.main:
-                self._log_epoch(train, val, is_best)
+                self._log_epoch(train, val, ema, is_best)
 
     def _finish(self) -> dict:
         results = self._results(self.wall_before + time.time() - self.start_wall)
@@ -325,6 +339,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "config": self.config_dict,
+            "ema": None if self.ema is None else self.ema.module.state_dict(),
             "meter": meter_sums.cpu(),
             "rng": ckpt_io.rng_state(),
             "progress": {
@@ -348,6 +363,8 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         ckpt_io.load_optimizer_state(self.optimizer, ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None:  # a checkpoint written without an EMA: it starts from the weights now
+            self.ema.module.load_state_dict(ckpt.get("ema") or self.model.state_dict())
         p = ckpt["progress"]
         self.epoch, self.next_batch, self.global_step = p["epoch"], p["next_batch"], p["global_step"]
         self.best_top1, self.best_epoch, self.history = p["best_top1"], p["best_epoch"], p["history"]
@@ -423,10 +440,10 @@ class Trainer:
             eta,
         )
 
-    def _log_epoch(self, train: dict, val: dict, is_best: bool) -> None:
+    def _log_epoch(self, train: dict, val: dict, ema: dict | None, is_best: bool) -> None:
         logger = self.logger
-        for split, s in (("train", train), ("val", val)):
-            for k in ("loss", "top1", "top5", "top1_err", "top5_err"):
+        for split, s in (("train", train), ("val", val), ("val_ema", ema)):
+            for k in ("loss", "top1", "top5", "top1_err", "top5_err") if s is not None else ():
                 logger.scalar(f"{split}/{k}", s[k], self.epoch)
         logger.scalar("lr", self.optimizer.param_groups[0]["lr"], self.epoch)
         logger.scalar("model/params_M", self.params / 1e6, self.epoch)  # series, so that the HParams tab can
@@ -449,6 +466,9 @@ class Trainer:
             val["top5"],
             " (best)" if is_best else "",
         )
+        if ema is not None:
+            message = "epoch %d/%d: EMA of the weights: val loss %.4f top-1 %.2f%% top-5 %.2f%%"
+            log.info(message, self.epoch, self.t.epochs, ema["loss"], ema["top1"], ema["top5"])
 
     # ---- setup -----------------------------------------------------------------------------------
     def _setup_run_dir(self, run_dir: Path) -> None:
@@ -495,6 +515,10 @@ class Trainer:
         self.model.to(self.device)
         if self.t.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        # The EMA's copy before SyncBatchNorm: it is evaluated by each process alone.
+        self.ema = (
+            ModelEmaV3(self.model, decay=self.t.ema_decay, use_warmup=self.t.ema_warmup) if self.t.ema_decay else None
+        )
         if self.world_size > 1 and self.t.sync_bn:
             self.model = dist.convert_sync_batchnorm(self.model, self.device)
         self.eager_model = self.model
@@ -590,9 +614,19 @@ class Trainer:
             "warmup_s": self.clock.warmup_s,
             "train_img_per_s": self.clock.img_per_s,
             "skipped_steps": self.update.counts()[0],
+            "ema": self._ema_results(),
             "history": self.history,
             "config": self.config_dict,
         }
+
+    def _ema_results(self) -> dict | None:
+        """The EMA's final validation figures and its best top-1 (None without an EMA)."""
+        epochs = [h for h in self.history if "val_ema" in h]
+        if self.ema is None or not epochs:
+            return None
+        final, best = epochs[-1]["val_ema"], max(epochs, key=lambda h: h["val_ema"]["top1"])
+        keys = ("top1", "top5", "top1_err", "top5_err", "loss")
+        return {**{k: final[k] for k in keys}, "best_top1": best["val_ema"]["top1"], "best_epoch": best["epoch"]}
 
 
 def _remove_if_empty(path: Path) -> None:

@@ -31,12 +31,13 @@ def main(argv: list[str] | None = None) -> int:
         help="the file to write (default: the checkpoint's name with "
         f"{', '.join(f'{s} ({f})' for f, s in FORMATS.items())})",
     )
+    parser.add_argument("--ema", action="store_true", help="export the EMA of the weights (trainer.ema_decay > 0)")
     args = parser.parse_args(argv)
     out = args.out or args.checkpoint.with_suffix(FORMATS[args.format])
     if out.resolve() == args.checkpoint.resolve():
         parser.error(f"--out {out} is the checkpoint itself; choose another file")
     try:
-        model, config = load_model(args.checkpoint)
+        model, config = load_model(args.checkpoint, ema=args.ema)
         d = config.data
         result = export(model, (d.in_chans, d.image_size, d.image_size), args.format, out)
     except UserError as exc:  # CheckpointError, a missing exporter package

@@ -31,9 +31,9 @@ def block_name(gate_name: str) -> str:
     return gate_name.split(".attn.")[0]
 
 
-def explain(path: Path, images: list[Path], blocks: list[str] | None) -> dict:
+def explain(path: Path, images: list[Path], blocks: list[str] | None, ema: bool = False) -> dict:
     """One checkpoint on the images: its label, predictions, Grad-CAM and spatial maps (block -> maps)."""
-    model, config = load_model(path)
+    model, config = load_model(path, ema=ema)
     shown, inputs = read_images(images, config.data)
     with torch.no_grad(), record_attention(model) as recorded:
         model(inputs)
@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         help="blocks whose spatial maps to show, e.g. layer3.1 layer4.1 (default: the last block of each resolution)",
     )
     parser.add_argument("--labels", nargs="+", help="column labels, one per checkpoint (default: arch + attention)")
+    parser.add_argument("--ema", action="store_true", help="the EMA of the weights (trainer.ema_decay > 0)")
     args = parser.parse_args(argv)
     if args.labels and len(args.labels) != len(args.checkpoints):
         parser.error(f"--labels needs one label per checkpoint ({len(args.checkpoints)}), got {len(args.labels)}")
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--out {args.out}: the figure must be .png, .pdf or .svg")
     try:
         images = image_files(args.images)
-        columns = [explain(path, images, args.blocks) for path in args.checkpoints]
+        columns = [explain(path, images, args.blocks, args.ema) for path in args.checkpoints]
     except UserError as exc:  # CheckpointError, a bad image, an unknown block
         print(f"error: {exc}", file=sys.stderr)
         return 2
