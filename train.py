@@ -43,6 +43,10 @@ def main(cfg: DictConfig) -> float | None:
         config = to_object(cfg)  # checks every value's range
     except UserError as exc:
         return _failed(run_dir, in_sweep, "bad input", exc)
+    if config.dry_run:  # which runs a sweep launches, each with its folder and config, before any training
+        what = " ".join(overrides) or "as configured"
+        log.info("dry run: %s in %s (%s); nothing trained", config.name, run_dir, what)
+        return None
     # Installed before the trainer loads data and builds the model, so that a signal then stops the run too.
     with StopRequest(config.trainer.stop_grace_s) as stop:
         try:

@@ -268,6 +268,7 @@ class TrainConfig:
     name: str = "train"
     seed: int = 0
     resume: Optional[str] = None  # null | auto | path to a checkpoint
+    dry_run: bool = False  # compose and check the config, write the run folder's .hydra/, train nothing
 
 
 @dataclass
@@ -317,7 +318,7 @@ GROUP_FIELDS = {
     "logger": "logger.name",
 }
 # Overrides that say where things are or how the sweep is run, not what is trained.
-NOT_RUN_FIELDS = ("hydra", "experiment", "data.root", "paths", "resume", "name")
+NOT_RUN_FIELDS = ("hydra", "experiment", "data.root", "paths", "resume", "name", "dry_run")
 
 
 def run_overrides(overrides: list[str]) -> list[tuple[str, str, str]]:
