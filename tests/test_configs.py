@@ -201,7 +201,11 @@ def test_a_new_preset_backbone_data_set_and_logger_each_need_one_registry_entry(
         from helpers import compose
 
         config = compose(
-            "experiment=smoke", "model.width=0.25", "trainer.epochs=1", "trainer.image_every=1", "trainer.device=cpu"
+            "experiment=smoke",
+            "model.width=0.25",
+            "trainer.epochs=1",
+            "trainer.image_every=1",
+            "trainer.limit_train_batches=2",
         )
         config.data.name, config.logger.name = "test_set", "test_logger"
         config.model.arch, config.attention = "resnet10_test", AttentionConfig(**dataclasses.asdict(gate))
