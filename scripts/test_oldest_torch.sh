@@ -20,7 +20,8 @@ fi
 'torchvision', torchvision.__version__)"
 .venv-oldest/bin/python -m pytest -q -m "not slow and not any_torch"
 run=$(mktemp -d)
-.venv-oldest/bin/python train.py experiment=smoke "hydra.run.dir=$run" trainer.device=cpu >"$run/console.log" 2>&1 \
+.venv-oldest/bin/python train.py experiment=smoke trainer.epochs=1 trainer.limit_train_batches=4 "hydra.run.dir=$run" \
+  trainer.device=cpu >"$run/console.log" 2>&1 \
   || { cat "$run/console.log"; exit 1; }
 .venv-oldest/bin/python - "$run" <<'PY'
 import json, sys
