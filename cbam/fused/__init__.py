@@ -30,7 +30,7 @@ compiles with ``-ffp-contract=off``, so both passes round identically).
 """
 
 from .compiler import KERNEL_MODES, CompileFailed, kernel_mode, toolchain_available
-from .dispatch import AUTO_FUSED_DEVICES, auto_uses_fused, fused_or_none, hooks_present
+from .dispatch import AUTO_FUSED_DEVICES, auto_uses_fused, fused_or_none
 from .function import ORDERS, FusedPlan, fused_gated_tail
 
 __all__ = [
@@ -42,7 +42,6 @@ __all__ = [
     "auto_uses_fused",
     "fused_gated_tail",
     "fused_or_none",
-    "hooks_present",
     "kernel_mode",
     "toolchain_available",
 ]
