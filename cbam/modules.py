@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from timm.layers import create_attn
 from torch import nn
 from torch.nn import functional as nnf
 
@@ -243,12 +244,15 @@ class CBAM(AttentionModule):
 
 
 def build_attention(channels: int, spec) -> nn.Module:
-    """The attention module for a block with ``channels`` channels (``nn.Identity`` for "none").
+    """The attention module for a block with ``channels`` channels (``nn.Identity`` for "none", and for
+    BAM, which sits between stages: ``cbam.bam``).
 
     ``spec`` is a preset name (``cbam.PRESETS``), a mapping of ``AttentionSpec`` fields (optionally
     with ``preset``), or an ``AttentionSpec``. Bad specs raise ``AttentionSpecError``.
     """
     spec = resolve_spec(spec)
+    if spec.module.startswith("timm_"):
+        return create_attn(spec.module.removeprefix("timm_"), channels)
     if spec.channel and spec.spatial:
         return CBAM(
             channels,

@@ -2,7 +2,8 @@
 
 A spec is a plain dataclass so that Hydra can use it as a structured-config schema and a library
 user can build one by hand. ``PRESETS`` holds the named variants of the paper's ablations
-(Tables 1-3); ``resolve_spec`` turns a preset name, a mapping or a spec into a validated spec.
+(Tables 1-3) and the modules CBAM is compared with (BAM, and timm's attention layers);
+``resolve_spec`` turns a preset name, a mapping or a spec into a validated spec.
 """
 
 from __future__ import annotations
@@ -19,9 +20,16 @@ ORDERS = ("channel_first", "spatial_first", "parallel")
 PARALLEL_COMBINES = ("mul", "add")
 PLACEMENTS = ("residual", "pre", "post")
 IMPLS = ("auto", "fused", "reference")
+# timm's attention layers (``timm.layers.create_attn``) that gate a block's output in place, as CBAM
+# does: a drop-in for the block's attention. Those that replace the block's convolutions (sk, splat,
+# lambda, halo, bottleneck) do not fit here, nor do the non-local ones (nl, bat: quadratic in H x W);
+# "ge" (gather-excite) does not build with its defaults in timm 1.0.x (ConvMlp gets act_layer twice).
+TIMM_LAYERS = ("se", "ese", "eca", "ecam", "ceca", "gc", "gca", "cbam", "lcbam")
+MODULES = ("cbam", "bam", *(f"timm_{name}" for name in TIMM_LAYERS))
 
 # Fields with a fixed set of values; the Hydra schema turns these into enums (compose-time checks).
 CHOICES = {
+    "module": MODULES,
     "pool": POOLS,
     "descriptor": DESCRIPTORS,
     "order": ORDERS,
@@ -40,6 +48,11 @@ class AttentionSpec:
     """What attention a block gets and how it is built.
 
     Fields (paper section 3):
+      module: "cbam" (this project's channel and spatial gates, as the fields below say: every
+        variant of the paper's ablations, "none" included), "bam" (BAM, Park et al. BMVC 2018: one
+        module at the end of each of the first three stages, ``cbam.bam``; takes ``reduction``) or
+        "timm_<layer>" (timm's attention layer ``<layer>``, with timm's own defaults, in every block at
+        ``placement``). The fields that configure the gates apply to "cbam" only.
       channel / spatial: which gates are on (both off = no attention).
       pool: channel-attention pooling, Table 1: "avg" (SE), "max", "avgmax" (CBAM, Eq. 2).
       reduction: MLP reduction ratio r (hidden units = channels // r).
@@ -60,6 +73,7 @@ class AttentionSpec:
     """
 
     name: str = "custom"
+    module: str = "cbam"
     channel: bool = False
     spatial: bool = False
     pool: str = "avgmax"
@@ -76,11 +90,15 @@ class AttentionSpec:
     def __post_init__(self) -> None:
         for name, allowed in CHOICES.items():
             _check_choice(name, getattr(self, name), allowed)
+        if self.module != "cbam":
+            self._check_module_fields()
         if self.impl == "fused" and not fused_supported(self):
             raise AttentionSpecError(
-                "attention.impl=fused supports the pooled spatial descriptor (descriptor=pool) and, for "
+                "attention.impl=fused supports CBAM's gates (module=cbam) with the pooled spatial descriptor "
+                "(descriptor=pool) and, for "
                 "order=parallel, parallel_combine=mul; this spec has "
-                f"descriptor={self.descriptor!r}, order={self.order!r}, parallel_combine={self.parallel_combine!r}. "
+                f"module={self.module!r}, descriptor={self.descriptor!r}, order={self.order!r}, "
+                f"parallel_combine={self.parallel_combine!r}. "
                 "Use impl=auto (falls back to reference) or impl=reference"
             )
         if isinstance(self.reduction, bool) or not isinstance(self.reduction, int) or self.reduction < 1:
@@ -96,9 +114,28 @@ class AttentionSpec:
                 f"the spatial map keeps its size, got {self.kernel_size!r}"
             )
 
+    def _check_module_fields(self) -> None:
+        """Refuse the gate fields for a module they do not configure (they would be silently ignored)."""
+        allowed = {"name", "module", "impl"} | ({"reduction"} if self.module == "bam" else {"placement"})
+        default = AttentionSpec()
+        changed = [
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if f.name not in allowed and getattr(self, f.name) != getattr(default, f.name)
+        ]
+        if changed:
+            where = (
+                "BAM sits at the end of each stage and takes only reduction"
+                if self.module == "bam"
+                else f"{self.module} is timm's layer with timm's defaults and takes only placement"
+            )
+            raise AttentionSpecError(
+                f"attention.module={self.module}: {', '.join(changed)} configure(s) CBAM's gates (module=cbam); {where}"
+            )
+
     @property
     def enabled(self) -> bool:
-        return self.channel or self.spatial
+        return self.module != "cbam" or self.channel or self.spatial
 
     def hidden_units(self, channels: int) -> int:
         """MLP width C/r for ``channels``; refuses a ratio that leaves no hidden unit."""
@@ -112,9 +149,9 @@ class AttentionSpec:
 
 
 def fused_supported(spec: AttentionSpec) -> bool:
-    """Whether ``cbam.fused`` implements this variant (everything but the conv1x1 descriptor and
+    """Whether ``cbam.fused`` implements this variant (CBAM's gates, but for the conv1x1 descriptor and
     the additive parallel combination)."""
-    if spec.spatial and spec.descriptor != "pool":
+    if spec.module != "cbam" or spec.spatial and spec.descriptor != "pool":
         return False
     return not (spec.channel and spec.spatial and spec.order == "parallel" and spec.parallel_combine == "add")
 
@@ -140,6 +177,12 @@ PRESETS: dict[str, AttentionSpec] = {
         AttentionSpec("cbam_k3", **_CBAM, kernel_size=3),  # Table 2
         AttentionSpec("cbam_conv1x1_k3", **_CBAM, descriptor="conv1x1", kernel_size=3),  # Table 2
         AttentionSpec("cbam_conv1x1_k7", **_CBAM, descriptor="conv1x1", kernel_size=7),  # Table 2
+        AttentionSpec("bam", module="bam"),  # BAM (BMVC 2018), the same authors' module between stages
+        # timm's layers, named as timm names them; its SE and CBAM are "timm_se" and "timm_cbam"
+        *(
+            AttentionSpec(name if name not in ("se", "cbam") else f"timm_{name}", module=f"timm_{name}")
+            for name in TIMM_LAYERS
+        ),
     ]
 }
 

@@ -99,7 +99,8 @@ NOT_ARCHITECTURE = ("name", "impl", "drop_rate", "pretrained")  # fields that do
 
 def architecture(config: dict) -> dict:
     """The shape-deciding config entries, flattened: {"model.arch": ..., "attention.pool": ...}."""
-    flat = {"model.blurpool": False}  # what checkpoints from before the option had
+    # what checkpoints from before each option had
+    flat = {"model.blurpool": False, "attention.module": "cbam"}
     for keys in ARCH_KEYS:
         node = config
         for k in keys:

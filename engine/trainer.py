@@ -586,11 +586,12 @@ class Trainer:
         """What the ``auto`` settings resolved to on this device (and any fallback since)."""
         impls = {m.impl for m in self.model.modules() if isinstance(m, AttentionModule)}
         fused = any(i == "fused" or (i == "auto" and auto_uses_fused(self.device.type)) for i in impls)
+        attention = self.config.attention.spec().enabled  # timm's layers and BAM run plain autograd
         return {
             "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "float32",
             "tf32": self.t.tf32 and self.device.type == "cuda",
             "compile": self.compile_mode or "off",
-            "attention_impl": ("fused" if fused and self.compile_mode is None else "reference") if impls else "none",
+            "attention_impl": "fused" if fused and self.compile_mode is None else "reference" if attention else "none",
         }
 
     def _results(self, wall_s: float) -> dict:

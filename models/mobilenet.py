@@ -58,6 +58,10 @@ class MobileNetV1(nn.Module):
             raise ValueError(f"width must be > 0, got {width}")
         self.attention = resolve_spec(attention)
         spec = self.attention
+        if spec.module == "bam":
+            raise ValueError(
+                "BAM (attention.module=bam) sits between a ResNet's stages; MobileNet v1 takes attention in its blocks"
+            )
         if spec.placement != "residual":
             raise ValueError(
                 f"MobileNet v1 has no residual branch: attention.placement must be 'residual', got {spec.placement!r}"

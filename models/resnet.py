@@ -1,4 +1,5 @@
-"""ResNet / WideResNet / ResNeXt backbones with an attention module in every residual block.
+"""ResNet / WideResNet / ResNeXt backbones with an attention module in every residual block (or BAM
+at the end of the first three stages).
 
 Shaped after torchvision's ``resnet.py``. The attention sits where the CBAM reference code puts
 it (section 3.1, Fig. 3): after the block's last conv + BN, before the shortcut addition.
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from cbam import AttentionModule, AttentionSpec, build_attention, resolve_spec
+from cbam.bam import BAM
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -180,6 +182,12 @@ class ResNet(nn.Module):
         self.layer2 = self._make_layer(block, widths[1], layers[1], stride=2)
         self.layer3 = self._make_layer(block, widths[2], layers[2], stride=2)
         self.layer4 = self._make_layer(block, widths[3], layers[3], stride=2)
+        # BAM (attention.module=bam) at the end of stages 1-3, as its paper places it; no-ops otherwise
+        bam = self.attention.module == "bam"
+        stage_channels = [w * block.expansion for w in widths]
+        self.bam1, self.bam2, self.bam3 = (
+            BAM(c, self.attention.reduction) if bam else nn.Identity() for c in stage_channels[:3]
+        )
         self.num_features = widths[3] * block.expansion
         self.dropout = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         self.fc = nn.Linear(self.num_features, num_classes)
@@ -206,7 +214,9 @@ class ResNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = self.bam1(self.layer1(x))
+        x = self.bam2(self.layer2(x))
+        return self.layer4(self.bam3(self.layer3(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.forward_features(x).mean(dim=(2, 3))

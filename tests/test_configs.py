@@ -273,14 +273,18 @@ def test_run_hparams_key_fields_first_then_the_overridden_ones():
 def test_a_checkpoints_plain_config_reads_back_from_any_version():
     """``from_dict`` of today's dict is the same config; an earlier version's dict, without today's options
     and with one that no longer exists, reads back with the values that run had."""
+    from engine.checkpoint import check_same_architecture
     from engine.config import from_dict
 
     today = compose_train("experiment=quickstart", "attention=se")
     assert as_dict(from_dict(today)) == today
     earlier = {group: dict(values) if isinstance(values, dict) else values for group, values in today.items()}
     del earlier["trainer"]["tf32"], earlier["data"]["format"], earlier["model"]["blurpool"]
+    del earlier["attention"]["module"]
     earlier["trainer"]["an_option_since_removed"] = 1
     config = from_dict(earlier)
+    # and a run resumed from that version's checkpoint has the same network
+    check_same_architecture(earlier, today, "last.pt")
     assert config.trainer.tf32 is False  # before the option, runs had no TF32
     assert config.data.format == "folder" and config.model.blurpool is False
     assert not hasattr(config.trainer, "an_option_since_removed")

@@ -6,7 +6,7 @@ import torch
 
 from analysis import export as exporting
 from analysis.export import ExportCheckFailed, export
-from cbam import PRESETS, resolve_spec
+from cbam import BAM, PRESETS, resolve_spec
 from helpers import run, train
 from models import create_model
 from models.resnet import BasicBlock
@@ -103,9 +103,10 @@ def test_export_script_refuses_bad_input(checkpoint, tmp_path, args, message):
 @pytest.mark.parametrize("attention", sorted(PRESETS))
 def test_every_attention_variant_exports(tmp_path, attention):
     """ONNX (whose exporter runs torch.export first) checked with onnxruntime, on one residual block with
-    the variant (the whole network's export: test_default_cbam_exports_to_every_format)."""
-    block = BasicBlock(16, 16, attention=resolve_spec(attention)).eval()
-    check_export(block, "onnx", tmp_path / "m.onnx", (16, 6, 6))
+    the variant, or BAM, which sits between blocks (the whole network's export:
+    test_default_cbam_exports_to_every_format)."""
+    module = BAM(16, reduction=4) if attention == "bam" else BasicBlock(16, 16, attention=resolve_spec(attention))
+    check_export(module.eval(), "onnx", tmp_path / "m.onnx", (16, 6, 6))
 
 
 @pytest.mark.slow
