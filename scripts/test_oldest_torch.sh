@@ -18,7 +18,8 @@ fi
 [ "$step" = install ] && exit 0
 .venv-oldest/bin/python -c "import torch, torchvision; print('oldest supported: torch', torch.__version__, \
 'torchvision', torchvision.__version__)"
-.venv-oldest/bin/python -m pytest -q -m "not slow and not any_torch"
+# its own temporary folder and no pytest cache: .ci/run runs it beside the newest torch's pytest
+.venv-oldest/bin/python -m pytest -q -m "not slow and not any_torch" -p no:cacheprovider --basetemp="$(mktemp -d)"
 run=$(mktemp -d)
 .venv-oldest/bin/python train.py experiment=smoke trainer.epochs=1 trainer.limit_train_batches=4 "hydra.run.dir=$run" \
   trainer.device=cpu >"$run/console.log" 2>&1 \
