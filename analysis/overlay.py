@@ -1,5 +1,6 @@
-"""Heat maps drawn over their images: each map normalised to [0, 1] on its own, upsampled to the image,
-coloured with a matplotlib colormap and blended with the image (grey inputs are shown as grey RGB)."""
+"""Heat maps drawn over their images: each map normalised to [0, 1] on its own (or all on one fixed
+scale), upsampled to the image, coloured with a matplotlib colormap and blended with the image (grey
+inputs are shown as grey RGB); a colour bar beside a grid of them."""
 
 from __future__ import annotations
 
@@ -24,14 +25,26 @@ def colorize(maps01: torch.Tensor, cmap: str = "jet") -> torch.Tensor:
     return table[index].permute(0, 3, 1, 2)
 
 
-def overlay(images01: torch.Tensor, maps: torch.Tensor, alpha: float = 0.5, cmap: str = "jet") -> torch.Tensor:
+def overlay(
+    images01: torch.Tensor,
+    maps: torch.Tensor,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    value_range: tuple[float, float] | None = None,
+) -> torch.Tensor:
     """(N, C, H, W) images in [0, 1] (C = 1 or 3) and (N, h, w) maps -> (N, 3, H, W) blends in [0, 1]:
-    each map normalised on its own, bilinearly upsampled to H x W, coloured, blended with weight ``alpha``."""
+    each map normalised on its own (or, with ``value_range``, all on that one scale), bilinearly upsampled to
+    H x W, coloured, blended with weight ``alpha``."""
     images01 = images01.detach().float().cpu()
     up = F.interpolate(
         maps.detach().float().cpu()[:, None], size=images01.shape[-2:], mode="bilinear", align_corners=False
     )[:, 0]
-    heat = colorize(normalise(up), cmap)
+    if value_range is None:
+        scaled = normalise(up)
+    else:
+        lo, hi = value_range
+        scaled = (up - lo) / (hi - lo)
+    heat = colorize(scaled, cmap)
     rgb = images01.expand(-1, 3, -1, -1) if images01.shape[1] == 1 else images01
     return (1 - alpha) * rgb + alpha * heat
 
@@ -41,3 +54,11 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     flat = images.detach().float().flatten(1)
     lo, hi = flat.amin(dim=1).view(-1, 1, 1, 1), flat.amax(dim=1).view(-1, 1, 1, 1)
     return ((images.detach().float() - lo) / (hi - lo).clamp_min(1e-12)).cpu()
+
+
+def with_colour_bar(grid: torch.Tensor, cmap: str = "jet", width: int = 6, gap: int = 2) -> torch.Tensor:
+    """A (3, H, W) image with the colormap's bar at its right edge: the low end at the bottom, the high end at
+    the top, over the image's full height."""
+    height = grid.shape[-2]
+    bar = colorize(torch.linspace(1, 0, height).view(1, height, 1).expand(1, height, width), cmap)[0]
+    return torch.cat([grid, torch.ones(3, height, gap), bar], dim=-1)

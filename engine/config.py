@@ -92,9 +92,10 @@ Stem = _enum("Stem", ["auto", "imagenet", "cifar"])
 Dataset = _enum("Dataset", DATASETS)  # the data sets' registry (engine/data/__init__.py)
 DataFormat = _enum("DataFormat", FORMATS)
 Decode = _enum("Decode", DECODE_CHOICES)
-Optimizer = _enum("Optimizer", ["sgd", "adamw"])
+Optimizer = _enum("Optimizer", ["sgd", "adamw", "lamb"])
 Schedule = _enum("Schedule", ["step", "cosine", "linear", "constant"])
 Amp = _enum("Amp", AMP_CHOICES)
+Loss = _enum("Loss", ["ce", "bce"])
 CompileMode = _enum("CompileMode", COMPILE_MODES)
 
 
@@ -112,11 +113,13 @@ class ModelConfig(_Checked):
     stride_in_1x1: Optional[bool] = None
     zero_init_residual: Optional[bool] = None
     drop_rate: float = 0.0
+    drop_path_rate: float = 0.0  # stochastic depth, growing linearly to this in the last block (ResNets)
     pretrained: Optional[str] = None  # torchvision | timm | path to a checkpoint (models/pretrained.py)
     blurpool: bool = False  # a blur before each strided conv (models/blurpool.py; FFCV's recipe)
 
     def check(self) -> None:
         _require(self.width > 0, f"model.width must be > 0, got {self.width}")
+        _require(0 <= self.drop_path_rate < 1, f"model.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
 
     def stem_for(self, image_size: int) -> str:
         """The stem the network gets: ``auto`` is the CIFAR stem for images up to 64 px."""
@@ -216,6 +219,10 @@ class TrainerConfig(_Checked):
     compile: Optional[bool] = None  # torch.compile the model; null: where it measured faster (engine/device.py)
     compile_mode: CompileMode = CompileMode.auto  # torch.compile's mode; auto: the device's measured one
     label_smoothing: float = 0.0
+    mixup: float = 0.0  # Mixup's alpha (timm.data.Mixup, on the device); 0 = off
+    cutmix: float = 0.0  # CutMix's alpha; with mixup too, each batch gets one of them (probability 1/2 each)
+    loss: Loss = Loss.ce  # training loss: ce (cross-entropy) | bce (timm's BinaryCrossEntropy, ResNet strikes back)
+    bce_target_threshold: float = 0.2  # loss=bce: soft targets above it count as 1 (RSB's 0.2)
     max_nonfinite_steps: int = 10  # steps in a row with a skipped update (not finite) before the run stops
     eval_flip: bool = False  # evaluation: the mean of the logits of each image and its mirror image (FFCV's TTA)
     ema_decay: float = 0.0  # an exponential moving average of the weights (timm's ModelEmaV3), also evaluated; 0 = off
@@ -242,6 +249,13 @@ class TrainerConfig(_Checked):
         _require(self.grad_clip >= 0, f"trainer.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         _require(self.stop_grace_s > 0, f"trainer.stop_grace_s must be > 0, got {self.stop_grace_s}")
         _require(0 <= self.ema_decay < 1, f"trainer.ema_decay must be in [0, 1) (0 = no EMA), got {self.ema_decay}")
+        for name in ("mixup", "cutmix"):
+            _require(getattr(self, name) >= 0, f"trainer.{name} must be >= 0 (0 = off), got {getattr(self, name)}")
+        _require(
+            not (self.mixup or self.cutmix) or self.batch_size % 2 == 0,
+            f"trainer.mixup and trainer.cutmix pair each image with another: trainer.batch_size must be even "
+            f"(per process), got {self.batch_size}",
+        )
 
 
 @dataclass

@@ -95,7 +95,7 @@ class TensorBoardLogger(Logger):
         start = plugin_data_pb2.SessionStartInfo()
         infos = []
         for name, value in hparams.items():
-            number = isinstance(value, (int, float))
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if number:
                 start.hparams[name].number_value = value
             else:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from timm.optim import param_groups_weight_decay
+from timm.optim import Lamb, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler, PolyLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 
@@ -11,7 +11,7 @@ from .config import OptimConfig, SchedConfig
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
-    """SGD (the paper's: momentum 0.9, wd 1e-4 on every parameter) or AdamW, for ``model``'s parameters
+    """SGD (the paper's: momentum 0.9, wd 1e-4 on every parameter), AdamW or LAMB, for ``model``'s parameters
     where they are now. With ``weight_decay_norm_bias=false``, norm layers' parameters and biases (every
     parameter of one dimension) get no weight decay: timm's ``param_groups_weight_decay``, as FFCV's and
     timm's recipes.
@@ -33,6 +33,8 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.O
                 optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return optimizer
     options = dict(lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+    if optim.name == "lamb":  # timm's (torch has none); trust ratios per parameter tensor, as its paper
+        return Lamb(params, **options)
     return _fused_if_supported(torch.optim.AdamW, params, options)
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from torchvision.utils import make_grid
 
 from analysis.gradcam import grad_cam, last_stage
-from analysis.overlay import overlay, to_unit_range
+from analysis.overlay import overlay, to_unit_range, with_colour_bar
 from cbam.modules import ChannelGate, SpatialGate
 
 from .config import run_overrides
@@ -19,6 +19,8 @@ from .loggers import Logger
 
 # Shown first in TensorBoard's HParams tab, by these short names; other fields only when overridden.
 KEY_FIELDS = {
+    "name": "experiment",
+    "data.name": "data",
     "model.arch": "arch",
     "attention.name": "attention",
     "optim.lr": "lr",
@@ -26,16 +28,26 @@ KEY_FIELDS = {
     "trainer.epochs": "epochs",
     "seed": "seed",
 }
-# The hparams' metrics: scalar series of every run (the last value counts).
-METRICS = ("val/top1", "val/top5", "model/params_M", "model/GMACs", "throughput/train_img_per_s")
+# The hparams' metrics: scalar series of every run (the last value counts, hence the best top-1's series).
+METRICS = (
+    "val/top1",
+    "val/top1_best",
+    "val/top5",
+    "model/params_M",
+    "model/GMACs",
+    "train/img_per_s",
+)
 # The charts to see first (TensorBoard's Custom Scalars tab): training and validation in one chart each.
 CHARTS = {
     "top-1 (%)": ["train/top1", "val/top1"],
     "loss": ["train/loss", "val/loss"],
     "top-5 (%)": ["train/top5", "val/top5"],
-    "learning rate": ["lr"],
-    "training images/s": ["throughput/train_img_per_s"],
+    "learning rate": ["train/lr"],
+    "training images/s": ["train/img_per_s"],
 }
+# Tag groups, which TensorBoard sorts by name: model/ (two constant series for the HParams tab), train/,
+# val/, val_attention/ (images and histograms of the fixed validation batch), val_ema/.
+IMAGES = "val_attention"
 
 
 def _field(config: dict, path: str):
@@ -49,8 +61,9 @@ def _field(config: dict, path: str):
 
 def run_hparams(config: dict, overrides: list[str]) -> tuple[dict[str, int | float | str], set[str]]:
     """The hparams a run is compared by: ``KEY_FIELDS`` and every field its overrides set (by config path,
-    ``attention.kernel_size``), in that order; numbers as numbers, anything else as text (booleans as
-    ``true``/``false``). Also the names that the overrides set (they differ across a sweep's runs)."""
+    ``attention.kernel_size``), in that order; real numbers as numbers, anything else as text (integers as
+    ``64``, where the HParams tab would show a number as ``64.000``; booleans as ``true``/``false``). Also the
+    names that the overrides set (they differ across a sweep's runs)."""
     names = dict(KEY_FIELDS)
     varying = set()
     for _key, field, _value in run_overrides(overrides):
@@ -60,8 +73,7 @@ def run_hparams(config: dict, overrides: list[str]) -> tuple[dict[str, int | flo
         value = _field(config, field)
         if value is None and field not in KEY_FIELDS:
             continue
-        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        hparams[name] = value if is_number else value if isinstance(value, str) else json.dumps(value)
+        hparams[name] = value if isinstance(value, (float, str)) else json.dumps(value)
     return hparams, varying
 
 
@@ -97,28 +109,30 @@ def last_per_resolution(named_maps: list[tuple[str, torch.Tensor]]) -> dict[str,
 
 
 def log_attention(logger: Logger, model: nn.Module, images: torch.Tensor, step: int) -> None:
-    """What the network looks at on the fixed batch ``images`` (run in eval mode): the inputs; the spatial
-    attention maps (last block of each resolution) and the last stage's Grad-CAM, each normalised on its
-    own and drawn over the inputs with a colormap; the channel weights as histograms per stage."""
+    """What the network looks at on the fixed batch ``images`` (run in eval mode), under ``IMAGES``/: the
+    inputs; the spatial gates' maps (the last block of each resolution, numbered by stage) on one fixed
+    scale, 0 to 1, with the colour bar at the right; the last stage's Grad-CAM, each map normalised on its
+    own (Grad-CAM's values have no unit); the channel weights as histograms per stage."""
     was_training = model.training
     model.eval()
     with torch.no_grad(), record_attention(model) as maps:
         model(images)
     model.train(was_training)
     shown = to_unit_range(images)
-    logger.image("attention/inputs", make_grid(shown, nrow=len(images)), step)
-    for ms in last_per_resolution(maps["spatial"]).values():
+    logger.image(f"{IMAGES}/inputs", make_grid(shown, nrow=len(images)), step)
+    for stage, ms in enumerate(last_per_resolution(maps["spatial"]).values(), start=1):
         h, w = ms.shape[-2:]
-        logger.image(f"attention/spatial_{h}x{w}", make_grid(overlay(shown, ms[:, 0]), nrow=len(ms)), step)
+        gated = overlay(shown, ms[:, 0], value_range=(0.0, 1.0))
+        logger.image(f"{IMAGES}/spatial_{stage}_{h}x{w}", with_colour_bar(make_grid(gated, nrow=len(ms))), step)
     try:
         layer = last_stage(model)
     except ValueError:  # a backbone without a known last stage: no Grad-CAM image
         layer = None
     if layer is not None:
         cam = grad_cam(model, images, layer)
-        logger.image("attention/gradcam_last_stage", make_grid(overlay(shown, cam.maps), nrow=len(images)), step)
+        logger.image(f"{IMAGES}/gradcam_last_stage", make_grid(overlay(shown, cam.maps), nrow=len(images)), step)
     by_stage: dict[str, list[torch.Tensor]] = {}
     for name, mc in maps["channel"]:
         by_stage.setdefault(name.split(".")[0], []).append(mc.flatten())  # layer1 ... layer4
     for stage, values in by_stage.items():
-        logger.histogram(f"attention/channel_weights_{stage}", torch.cat(values), step)
+        logger.histogram(f"{IMAGES}/channel_weights_{stage}", torch.cat(values), step)

@@ -44,6 +44,7 @@ from .evaluation import evaluate
 from .files import write_atomic
 from .loggers import build_logger
 from .metrics import Meter
+from .mixing import build_mixer, training_loss
 from .network import build_model
 from .optim import build_optimizer, build_scheduler
 from .stopping import StopNow, StopRequest
@@ -154,7 +155,10 @@ class Trainer:
         Nothing here waits for the device."""
         self.scheduler.step_update(self.global_step)
         self.update.before_forward()
-        loss, logits = self._forward_backward(x, y)
+        target = y  # under Mixup/CutMix, the meter keeps counting against the labels of the unmixed images
+        if self.mixer is not None:
+            x, target = self.mixer(x, y, self.global_step)
+        loss, logits = self._forward_backward(x, target)
         with self.stop.critical():  # the update and its bookkeeping: a late stop waits for them
             skipped = self.update.step(loss)
             self.meter.update(loss, logits, y, skip=skipped)
@@ -193,7 +197,7 @@ class Trainer:
             torch.compiler.cudagraph_mark_step_begin()
         with autocast(self.device, self.amp_dtype):
             logits = model(self._inputs(x))
-            loss = self.criterion(logits, y)
+            loss = self.train_criterion(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         return loss, logits
@@ -241,7 +245,14 @@ class Trainer:
     def _finish(self) -> dict:
         results = self._results(self.wall_before + time.time() - self.start_wall)
         if self.main:
-            final = (results["top1"], results["top5"], self.params / 1e6, self.gmacs, results["train_img_per_s"])
+            final = (
+                results["top1"],
+                results["best_top1"],
+                results["top5"],
+                self.params / 1e6,
+                self.gmacs,
+                results["train_img_per_s"],
+            )
             write_hparams(self.logger, self.config_dict, dict(zip(METRICS, final, strict=True)), self.overrides)
             self.logger.close()
             write_atomic(self.run_dir / "results.json", json.dumps(results, indent=2))
@@ -445,15 +456,16 @@ class Trainer:
         for split, s in (("train", train), ("val", val), ("val_ema", ema)):
             for k in ("loss", "top1", "top5", "top1_err", "top5_err") if s is not None else ():
                 logger.scalar(f"{split}/{k}", s[k], self.epoch)
-        logger.scalar("lr", self.optimizer.param_groups[0]["lr"], self.epoch)
+        logger.scalar("val/top1_best", self.best_top1, self.epoch)
+        logger.scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.epoch)
         logger.scalar("model/params_M", self.params / 1e6, self.epoch)  # series, so that the HParams tab can
         logger.scalar("model/GMACs", self.gmacs, self.epoch)  # compare runs by them
-        logger.scalar("throughput/train_img_per_s", self.clock.img_per_s, self.epoch)
-        logger.scalar("time/train_s_total", self.clock.train_s, self.epoch)
+        logger.scalar("train/img_per_s", self.clock.img_per_s, self.epoch)
+        logger.scalar("train/time_s_total", self.clock.train_s, self.epoch)
         if self.t.image_every and (self.epoch % self.t.image_every == 0 or self.epoch == self.t.epochs):
             log_attention(logger, self.model, self.fixed_images, self.epoch)
-        logger.scalar("time/eval_s", time.perf_counter() - self.eval_tic, self.epoch)  # with the attention maps
-        logger.scalar("time/epoch_s", time.perf_counter() - self.epoch_tic, self.epoch)
+        logger.scalar("val/time_s", time.perf_counter() - self.eval_tic, self.epoch)  # with the attention maps
+        logger.scalar("train/epoch_s", time.perf_counter() - self.epoch_tic, self.epoch)  # and evaluation
         logger.flush()
         log.info(
             "epoch %d/%d: train loss %.4f top-1 %.2f%% | val loss %.4f top-1 %.2f%% top-5 %.2f%%%s",
@@ -539,7 +551,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, self.config.optim)
         self.scheduler = build_scheduler(self.optimizer, self.config.sched, self.t.epochs, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
-        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=self.t.label_smoothing)
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=self.t.label_smoothing)  # evaluation's
+        self.mixer = build_mixer(self.t, self.config.data.num_classes, self.config.seed)
+        self.train_criterion = training_loss(self.t, mixing=self.mixer is not None)
         self.update = GuardedUpdate(self.model, self.optimizer, self.scaler, self.t.grad_clip)
         self.skipped_reported = 0
 

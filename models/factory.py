@@ -48,7 +48,8 @@ def create_model(
     in every block.
 
     Keyword options: ``in_chans``, ``stem`` ("imagenet" | "cifar"), ``width`` (multiplier),
-    ``stride_in_1x1`` (ResNet v1 when True, v1.5 when False), ``zero_init_residual``, ``drop_rate``.
+    ``stride_in_1x1`` (ResNet v1 when True, v1.5 when False), ``zero_init_residual``, ``drop_rate``,
+    ``drop_path_rate`` (ResNets: stochastic depth).
     ``pretrained``: "torchvision", "timm" (their ImageNet weights of the backbone) or a checkpoint path
     (this project's, or the CBAM authors' released one); see ``models.pretrained``. ``blurpool``: a blur
     before each strided conv (``models.blurpool``, FFCV's recipe); the weights' names are unchanged.

@@ -50,6 +50,7 @@ class MobileNetV1(nn.Module):
         stem: str = "imagenet",
         width: float = 1.0,
         drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
     ):
         super().__init__()
         if stem not in ("imagenet", "cifar"):
@@ -58,6 +59,8 @@ class MobileNetV1(nn.Module):
             raise ValueError(f"width must be > 0, got {width}")
         self.attention = resolve_spec(attention)
         spec = self.attention
+        if drop_path_rate:
+            raise ValueError("MobileNet v1 has no residual branch to drop: model.drop_path_rate must be 0")
         if spec.module == "bam":
             raise ValueError(
                 "BAM (attention.module=bam) sits between a ResNet's stages; MobileNet v1 takes attention in its blocks"

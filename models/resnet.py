@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from timm.layers import DropPath
 from torch import nn
 
 from cbam import AttentionModule, AttentionSpec, build_attention, resolve_spec
@@ -30,22 +31,26 @@ class _AttentionBlock(nn.Module):
     """Shared placement logic: ``pre`` gates the residual branch's input, ``residual`` its output,
     ``post`` the block output."""
 
-    def _build_attention(self, inplanes: int, out_planes: int, attention: AttentionSpec) -> None:
+    def _build_attention(self, inplanes: int, out_planes: int, attention: AttentionSpec, drop_path: float) -> None:
         self.placement = attention.placement
         channels = inplanes if attention.placement == "pre" else out_planes
         self.attn = build_attention(channels, attention)
+        # stochastic depth (Huang et al. 2016): the residual branch dropped per sample while training
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def bn_attention_add_relu(
         self, out: torch.Tensor, bn: nn.Module, identity: torch.Tensor, *, conv: nn.Conv2d
     ) -> torch.Tensor:
         """The block's end: relu(attention(bn(out)) + identity), the residual addition, with ``placement``
         residual (one fused call where the attention module supports it, ``cbam.fused``; ``conv`` made
-        ``out``); relu(bn(out) + identity) and then the attention with ``post``, or before it, ``pre``."""
-        if self.placement == "residual" and isinstance(self.attn, AttentionModule):
+        ``out``); relu(bn(out) + identity) and then the attention with ``post``, or before it, ``pre``.
+        Drop path, while training, acts on the residual branch just before the addition."""
+        dropping = self.training and isinstance(self.drop_path, DropPath)
+        if self.placement == "residual" and isinstance(self.attn, AttentionModule) and not dropping:
             return self.attn.forward_tail(out, bn, identity, producer=conv)
         if self.placement == "residual":  # nn.Identity, or a foreign module such as timm's CbamModule
-            return self.relu(self.attn(bn(out)) + identity)
-        out = self.relu(bn(out) + identity)
+            return self.relu(self.drop_path(self.attn(bn(out))) + identity)
+        out = self.relu(self.drop_path(bn(out)) + identity)
         return self.attn(out) if self.placement == "post" else out
 
     def _branch_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,6 +73,7 @@ class BasicBlock(_AttentionBlock):
         norm_layer: NormLayer = nn.BatchNorm2d,
         attention: AttentionSpec = AttentionSpec(),
         stride_in_1x1: bool = False,
+        drop_path: float = 0.0,
     ):
         super().__init__()
         if groups != 1 or base_width != 64:
@@ -78,7 +84,7 @@ class BasicBlock(_AttentionBlock):
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = norm_layer(planes)
         self.downsample = downsample
-        self._build_attention(inplanes, planes, attention)
+        self._build_attention(inplanes, planes, attention, drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -107,6 +113,7 @@ class Bottleneck(_AttentionBlock):
         norm_layer: NormLayer = nn.BatchNorm2d,
         attention: AttentionSpec = AttentionSpec(),
         stride_in_1x1: bool = False,
+        drop_path: float = 0.0,
     ):
         super().__init__()
         width = int(planes * (base_width / 64.0)) * groups
@@ -119,7 +126,7 @@ class Bottleneck(_AttentionBlock):
         self.bn3 = norm_layer(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
-        self._build_attention(inplanes, planes * self.expansion, attention)
+        self._build_attention(inplanes, planes * self.expansion, attention, drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -156,6 +163,7 @@ class ResNet(nn.Module):
         zero_init_residual: bool = False,
         norm_layer: NormLayer = nn.BatchNorm2d,
         drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
     ):
         super().__init__()
         if stem not in STEMS:
@@ -164,7 +172,12 @@ class ResNet(nn.Module):
             raise ValueError(f"width must be > 0, got {width}")
         if in_chans < 1 or num_classes < 1:
             raise ValueError(f"in_chans and num_classes must be >= 1, got {in_chans} and {num_classes}")
+        if not 0 <= drop_path_rate < 1:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         self.attention = resolve_spec(attention)
+        # block i of n drops its branch with probability drop_path_rate * i / (n - 1), as timm's ResNets
+        blocks = sum(layers)
+        self._drop_paths = iter([drop_path_rate * i / max(blocks - 1, 1) for i in range(blocks)])
         self.inplanes = stem_width or round(64 * width)
         self.groups, self.base_width, self.stride_in_1x1 = groups, width_per_group, stride_in_1x1
         self._norm_layer = norm_layer
@@ -207,9 +220,9 @@ class ResNet(nn.Module):
             attention=self.attention,
             stride_in_1x1=self.stride_in_1x1,
         )
-        layers = [block(self.inplanes, planes, stride, downsample, **kwargs)]
+        layers = [block(self.inplanes, planes, stride, downsample, drop_path=next(self._drop_paths), **kwargs)]
         self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes, **kwargs) for _ in range(1, blocks)]
+        layers += [block(self.inplanes, planes, drop_path=next(self._drop_paths), **kwargs) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -165,6 +165,11 @@ def median_ci(sorted_values: list[float], level: float = 0.95) -> tuple[float, f
     return sorted_values[k - 1], sorted_values[n - k]
 
 
+def compiled(model: torch.nn.Module, mode: str, backend: str) -> torch.nn.Module:
+    """``torch.compile`` of ``model``: with ``mode`` under inductor, with ``backend``'s own defaults else."""
+    return torch.compile(model, mode=mode) if backend == "inductor" else torch.compile(model, backend=backend)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="resnet50")
@@ -185,6 +190,12 @@ def main(argv=None) -> int:
         "(no baseline) and stop: compilation alone, which fills inductor's caches",
     )
     parser.add_argument("--keep-freed-memory", action="store_true", help="CPU: no page faults for large tensors")
+    parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile's backend for NAME@MODE variants (MODE applies to inductor only); aot_eager traces "
+        "forward and backward without generating code: a check of the script's steps, not a measurement",
+    )
     parser.add_argument(
         "--measure", choices=["both", "train", "infer"], default="both", help="time training steps, inference or both"
     )
@@ -210,7 +221,7 @@ def main(argv=None) -> int:
         model, modes[name] = build(name, args.arch)
         models[name] = model.to(device).to(memory_format=fmt)
     optims = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
-    runners = {k: torch.compile(m, mode=modes[k]) if modes[k] else m for k, m in models.items()}
+    runners = {k: compiled(m, modes[k], args.compile_backend) if modes[k] else m for k, m in models.items()}
 
     def sync():
         if device.type == "cuda":

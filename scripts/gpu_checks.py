@@ -2,7 +2,7 @@
 """The GPU check: every figure that decides the CUDA defaults, measured in one command, into one JSON file.
 
     python scripts/gpu_checks.py --out gpu-checks            # on a CUDA machine (scripts/gpu_checks.sh sets it up)
-    python scripts/gpu_checks.py --cpu --out /tmp/checks     # the same steps at toy sizes on the CPU (tests)
+    python scripts/gpu_checks.py --cpu --out /tmp/checks     # toy sizes on the CPU (tests), compiled by aot_eager
 
 Steps, each a separate process under a hard time limit (its whole process group is killed past it), each
 adding its figures to ``<out>/gpu_checks.json`` as soon as it ends, so that a step that fails or runs
@@ -260,7 +260,11 @@ def input_step(cpu: bool, out: Path, env: dict) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("gpu-checks"))
-    parser.add_argument("--cpu", action="store_true", help="toy sizes on the CPU: checks that the steps run")
+    parser.add_argument(
+        "--cpu",
+        action="store_true",
+        help="toy sizes on the CPU, compiled variants by aot_eager: checks that the steps run",
+    )
     parser.add_argument("--data-root", help="Fashion-MNIST folder for the quickstart (default: its usual lookup)")
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--reps", type=int, default=10, help="timed repetitions of the training-step benchmark")
@@ -346,6 +350,8 @@ def main(argv=None) -> int:
         ]
         if not args.cpu:
             bench += ["--amp", "bf16", "--channels-last"]
+        else:  # the steps' flow at toy sizes: inductor's code generation on the CPU has tests of its own
+            bench += ["--compile-backend", "aot_eager"]
         compiled = [v for v in variants if "@" in v or v.endswith("(default)")]  # (default): compiled on CUDA
         precompile = {}
         if compiled and not args.no_precompile:

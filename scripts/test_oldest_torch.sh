@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The oldest supported torch/torchvision pair (pyproject.toml's lower bounds) in a virtual environment
 # of its own (.venv-oldest): the fast tests that depend on torch (those marked any_torch check configs,
-# command lines and scripts' output, the same under any torch, and run with the newest), then a short
-# train.py run with the default CBAM, which must run the fused attention with its kernels compiled (not
-# the fallback to the reference).
+# command lines and scripts' output, the same under any torch, and run with the newest); the fused
+# attention's kernels compiled by this torch's inductor against the reference (one block shape, training
+# and evaluation); then a short train.py run with the default CBAM, which must take the fused path (its
+# kernels op by op there: compiling them is the test before's).
 #   bash scripts/test_oldest_torch.sh            # install, then test
 #   bash scripts/test_oldest_torch.sh install    # the environment alone (.ci/run builds it beside the other)
 #   bash scripts/test_oldest_torch.sh test       # the tests, in the environment built before
@@ -20,9 +21,11 @@ fi
 'torchvision', torchvision.__version__)"
 # its own temporary folder and no pytest cache: .ci/run runs it beside the newest torch's pytest
 .venv-oldest/bin/python -m pytest -q -m "not slow and not any_torch" -p no:cacheprovider --basetemp="$(mktemp -d)"
+.venv-oldest/bin/python -m pytest -q -p no:cacheprovider --basetemp="$(mktemp -d)" \
+  "tests/test_fused.py::test_compiled_kernels_match_reference[cbam]"
 run=$(mktemp -d)
-.venv-oldest/bin/python train.py experiment=smoke trainer.epochs=1 trainer.limit_train_batches=4 "hydra.run.dir=$run" \
-  trainer.device=cpu >"$run/console.log" 2>&1 \
+CBAM_FUSED_KERNELS=eager .venv-oldest/bin/python train.py experiment=smoke trainer.epochs=1 \
+  trainer.limit_train_batches=4 "hydra.run.dir=$run" trainer.device=cpu >"$run/console.log" 2>&1 \
   || { cat "$run/console.log"; exit 1; }
 .venv-oldest/bin/python - "$run" <<'PY'
 import json, sys

@@ -69,6 +69,30 @@ def train_here(run_dir: Path, *overrides: str, stop=None) -> dict | None:
     return Trainer(compose(*overrides, run_dir=run_dir), run_dir, stop, list(overrides)).fit()
 
 
+def kill_in_process_then_resume(run_dir: Path, *overrides: str, kill_at_step: int):
+    """The trainer in this process, killed (KeyboardInterrupt) as it starts step ``kill_at_step``, then resumed
+    with ``resume=auto`` to its end. Returns the killed trainer, with ``checkpoint_at_kill``: the global step
+    of the last checkpoint it left."""
+    import pytest
+
+    from engine.trainer import Trainer
+
+    trainer = Trainer(compose(*overrides, run_dir=run_dir), run_dir)
+    real_step = trainer.train_step
+
+    def step(x, y):
+        if trainer.global_step == kill_at_step:
+            raise KeyboardInterrupt("killed")
+        real_step(x, y)
+
+    trainer.train_step = step
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    trainer.checkpoint_at_kill = final_checkpoint(run_dir)["progress"]["global_step"]
+    Trainer(compose(*overrides, "resume=auto", run_dir=run_dir), run_dir).fit()
+    return trainer
+
+
 def torchrun(run_dir, *overrides):
     """``train.py`` in two processes under ``torchrun`` (gloo on the CPU)."""
     cmd = [

@@ -13,6 +13,7 @@ from tensorboard.plugins.hparams import metadata
 
 from analysis.paper import TABLES
 from cbam import PRESETS, resolve_spec
+from engine.tblog import KEY_FIELDS
 from helpers import ROOT, results, run
 
 pytestmark = pytest.mark.any_torch  # sweeps and the ablation table's output
@@ -79,7 +80,8 @@ def test_ablation_table_on_a_real_multirun(tmp_path):
         "-m",
         "experiment=smoke",
         "model.width=0.25",
-        "trainer.epochs=2",
+        "trainer.epochs=1",
+        "trainer.image_every=0",
         "attention=none,se",
         "seed=0,1,2",
         f"hydra.sweep.dir={sweep}",
@@ -91,7 +93,7 @@ def test_ablation_table_on_a_real_multirun(tmp_path):
     events.Reload()
     experiment = metadata.parse_experiment_plugin_data(events.PluginTagToContent("hparams")[metadata.EXPERIMENT_TAG])
     # the key fields only: model.width and trainer.epochs are the same in every job of the sweep
-    assert [h.name for h in experiment.hparam_infos] == ["arch", "attention", "lr", "batch_size", "epochs", "seed"]
+    assert [h.name for h in experiment.hparam_infos] == list(KEY_FIELDS.values())
     assert {h.name for h in experiment.hparam_infos if h.differs} == {"attention", "seed"}
     failed = tmp_path / "failed"
     # lr 1e30 diverges at once; the skipped steps in a row reach trainer.max_nonfinite_steps (10) in epoch 2

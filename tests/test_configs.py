@@ -213,7 +213,7 @@ def test_a_new_preset_backbone_data_set_and_logger_each_need_one_registry_entry(
     finally:
         loggers.LOGGERS.pop("test_logger")
     assert ("val/top1", 1) in written and ("hparams", results["top1"]) in written
-    assert any(tag.startswith("attention/spatial") for tag, _ in written)
+    assert any(tag.startswith("val_attention/spatial") for tag, _ in written)
 
 
 def test_run_overrides_keep_what_changes_the_training():
@@ -265,7 +265,7 @@ def test_run_hparams_key_fields_first_then_the_overridden_ones():
     config = compose_train("experiment=smoke", "model.zero_init_residual=true", "attention=se")
     hparams, varying = run_hparams(config, ["experiment=smoke", "model.zero_init_residual=true", "attention=se"])
     assert list(hparams) == [*KEY_FIELDS.values(), "model.zero_init_residual"]
-    assert hparams["attention"] == "se" and hparams["epochs"] == 2 and isinstance(hparams["lr"], float)
+    assert hparams["attention"] == "se" and hparams["epochs"] == "2" and isinstance(hparams["lr"], float)
     assert hparams["model.zero_init_residual"] == "true"  # booleans as text, not 1.0000
     assert varying == {"attention", "model.zero_init_residual"}
 

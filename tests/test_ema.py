@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from cbam.errors import UserError
 from engine.config import EvalConfig
 from engine.trainer import Trainer
-from helpers import ROOT, TINY, assert_same_run, compose, final_checkpoint, results
+from helpers import ROOT, TINY, assert_same_run, compose, final_checkpoint, kill_in_process_then_resume, results
 
 SHORT = ["experiment=smoke", *TINY, "trainer.limit_train_batches=4", "trainer.limit_val_batches=1"]
 EMA = [*SHORT, "trainer.image_every=0", "trainer.ema_decay=0.9", "trainer.ckpt_every_steps=3"]
@@ -90,19 +90,6 @@ def test_a_run_killed_and_resumed_continues_its_ema_bit_identically(ema_run, tmp
     """Killed after step 7 (its last checkpoint: step 6, mid-epoch), then resumed: the same weights, EMA and
     history."""
     reference, _, _ = ema_run
-    run = compose(*EMA, "trainer.epochs=2", run_dir=tmp_path)
-    trainer = Trainer(run, tmp_path)
-    real_step = trainer.train_step
-
-    def step(x, y):
-        if trainer.global_step == 7:
-            raise KeyboardInterrupt("killed")
-        real_step(x, y)
-
-    trainer.train_step = step
-    with pytest.raises(KeyboardInterrupt):
-        trainer.fit()
-    assert final_checkpoint(tmp_path)["progress"]["global_step"] == 6
-    resumed = compose(*EMA, "trainer.epochs=2", "resume=auto", run_dir=tmp_path)
-    Trainer(resumed, tmp_path).fit()
+    killed = kill_in_process_then_resume(tmp_path, *EMA, "trainer.epochs=2", kill_at_step=7)
+    assert killed.checkpoint_at_kill == 6
     assert_same_run(reference, tmp_path)

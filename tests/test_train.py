@@ -61,24 +61,33 @@ def test_tensorboard_has_scalars_hparams_images_histograms(smoke_run):
     for tag in (
         "train/loss",
         "val/top1",
+        "val/top1_best",
         "val/top5",
         "val/top1_err",
-        "lr",
-        "throughput/train_img_per_s",
-        "time/epoch_s",
+        "train/lr",
+        "train/img_per_s",
+        "train/epoch_s",
     ):
         assert tag in tags["scalars"], tag
     assert [e.step for e in acc.Scalars("val/top1")] == [1, 2]
     assert acc.Scalars("val/top1")[-1].value == pytest.approx(results(smoke_run)["top1"])
     r = results(smoke_run)
+    assert [e.value for e in acc.Scalars("val/top1_best")] == pytest.approx(
+        [max(h["val"]["top1"] for h in r["history"][: i + 1]) for i in range(2)]
+    )
     assert acc.Scalars("model/params_M")[-1].value == pytest.approx(r["params"] / 1e6)
     assert acc.Scalars("model/GMACs")[-1].value == pytest.approx(r["gmacs"])
-    for tag in ("attention/inputs", "attention/spatial_32x32", "attention/spatial_4x4", "attention/gradcam_last_stage"):
-        assert tag in tags["images"], tag
+    # TensorBoard sorts tag groups by name: training's and validation's figures come before everything else
+    # but the two constant model/ series, and the images after them
+    groups = sorted({t.split("/")[0] for kind in ("scalars", "images", "histograms") for t in tags[kind]})
+    assert groups == ["model", "train", "val", "val_attention"]
+    spatial = sorted(t for t in tags["images"] if t.startswith("val_attention/spatial_"))
+    assert spatial == [f"val_attention/spatial_{i}_{s}x{s}" for i, s in enumerate((32, 16, 8, 4), start=1)]
+    assert {"val_attention/inputs", "val_attention/gradcam_last_stage"} <= set(tags["images"])
     # attention maps in colour over the inputs: the red and blue channels differ
-    picture = np.asarray(Image.open(io.BytesIO(acc.Images("attention/spatial_32x32")[-1].encoded_image_string)))
+    picture = np.asarray(Image.open(io.BytesIO(acc.Images("val_attention/spatial_1_32x32")[-1].encoded_image_string)))
     assert picture.shape[-1] >= 3 and np.abs(picture[..., 0].astype(int) - picture[..., 2]).mean() > 10
-    assert any(t.startswith("attention/channel_weights_layer") for t in tags["histograms"])
+    assert any(t.startswith("val_attention/channel_weights_layer") for t in tags["histograms"])
     # hparams live in the run's own folder (no extra sub-run folder) and add no one-dot hparam/* charts
     assert not [t for t in tags["scalars"] if t.startswith("hparam")]
     assert {p.name for p in smoke_run.iterdir() if p.is_dir()} == {"checkpoints", ".hydra"}
@@ -91,20 +100,30 @@ def test_hparams_show_the_key_fields_first_and_the_run_figures_as_metrics(smoke_
     experiment = metadata.parse_experiment_plugin_data(plugin[metadata.EXPERIMENT_TAG])
     names = [h.name for h in experiment.hparam_infos]
     # the key fields, then the fields the command line set (SMOKE's, not hydra.run.dir nor experiment=)
-    assert names == ["arch", "attention", "lr", "batch_size", "epochs", "seed", "model.width", "trainer.log_every"]
-    assert {h.name for h in experiment.hparam_infos if h.differs} == {"model.width", "trainer.log_every"}
-    assert [m.name.tag for m in experiment.metric_infos] == [
-        "val/top1",
-        "val/top5",
-        "model/params_M",
-        "model/GMACs",
-        "throughput/train_img_per_s",
+    assert names == [
+        "experiment",
+        "data",
+        "arch",
+        "attention",
+        "lr",
+        "batch_size",
+        "epochs",
+        "seed",
+        "model.width",
+        "trainer.log_every",
     ]
+    assert {h.name for h in experiment.hparam_infos if h.differs} == {"model.width", "trainer.log_every"}
+    metrics = [m.name.tag for m in experiment.metric_infos]
+    assert metrics[:3] == ["val/top1", "val/top1_best", "val/top5"]  # the last epoch's top-1 and the best
+    assert set(metrics[3:]) == {"model/params_M", "model/GMACs", "train/img_per_s"}
     start = metadata.parse_session_start_info_plugin_data(plugin[metadata.SESSION_START_INFO_TAG])
     config = results(smoke_run)["config"]
+    assert start.hparams["experiment"].string_value == "smoke" and start.hparams["data"].string_value == "synthetic"
     assert start.hparams["arch"].string_value == config["model"]["arch"] == "resnet18"
     assert start.hparams["lr"].number_value == config["optim"]["lr"]
     assert start.hparams["model.width"].number_value == 0.25
+    # integers as text: the HParams tab shows a number as 64.000
+    assert start.hparams["batch_size"].string_value == "64" and start.hparams["seed"].string_value == "0"
 
 
 def test_custom_scalars_draw_training_and_validation_together(smoke_run):
@@ -122,7 +141,7 @@ def test_custom_scalars_draw_training_and_validation_together(smoke_run):
         for title, regexes in charts.items()
     }
     assert drawn["top-1 (%)"] == ["train/top1", "val/top1"] and drawn["loss"] == ["train/loss", "val/loss"]
-    assert drawn["learning rate"] == ["lr"]
+    assert drawn["learning rate"] == ["train/lr"]
     assert all(len(tags) == len(charts[title]) for title, tags in drawn.items()), drawn
 
 
