@@ -94,13 +94,8 @@ def load(path: str | Path) -> dict:
 ARCH_KEYS = (("model",), ("attention",), ("data", "num_classes"), ("data", "in_chans"))
 
 
-NOT_ARCHITECTURE = (
-    "name",
-    "impl",
-    "drop_rate",
-    "drop_path_rate",
-    "pretrained",
-)  # fields that do not change any tensor's shape
+# fields that do not change any tensor's shape
+NOT_ARCHITECTURE = ("name", "impl", "drop_rate", "drop_path_rate", "pretrained")
 
 
 def architecture(config: dict) -> dict:

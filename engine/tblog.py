@@ -47,7 +47,7 @@ CHARTS = {
 }
 # Tag groups, which TensorBoard sorts by name: model/ (two constant series for the HParams tab), train/,
 # val/, val_attention/ (images and histograms of the fixed validation batch), val_ema/.
-IMAGES = "val_attention"
+ATTENTION_GROUP = "val_attention"
 
 
 def _field(config: dict, path: str):
@@ -109,7 +109,7 @@ def last_per_resolution(named_maps: list[tuple[str, torch.Tensor]]) -> dict[str,
 
 
 def log_attention(logger: Logger, model: nn.Module, images: torch.Tensor, step: int) -> None:
-    """What the network looks at on the fixed batch ``images`` (run in eval mode), under ``IMAGES``/: the
+    """What the network looks at on the fixed batch ``images`` (run in eval mode), under ``ATTENTION_GROUP``/: the
     inputs; the spatial gates' maps (the last block of each resolution, numbered by stage) on one fixed
     scale, 0 to 1, with the colour bar at the right; the last stage's Grad-CAM, each map normalised on its
     own (Grad-CAM's values have no unit); the channel weights as histograms per stage."""
@@ -119,20 +119,24 @@ def log_attention(logger: Logger, model: nn.Module, images: torch.Tensor, step: 
         model(images)
     model.train(was_training)
     shown = to_unit_range(images)
-    logger.image(f"{IMAGES}/inputs", make_grid(shown, nrow=len(images)), step)
+    logger.image(f"{ATTENTION_GROUP}/inputs", make_grid(shown, nrow=len(images)), step)
     for stage, ms in enumerate(last_per_resolution(maps["spatial"]).values(), start=1):
         h, w = ms.shape[-2:]
         gated = overlay(shown, ms[:, 0], value_range=(0.0, 1.0))
-        logger.image(f"{IMAGES}/spatial_{stage}_{h}x{w}", with_colour_bar(make_grid(gated, nrow=len(ms))), step)
+        logger.image(
+            f"{ATTENTION_GROUP}/spatial_{stage}_{h}x{w}", with_colour_bar(make_grid(gated, nrow=len(ms))), step
+        )
     try:
         layer = last_stage(model)
     except ValueError:  # a backbone without a known last stage: no Grad-CAM image
         layer = None
     if layer is not None:
         cam = grad_cam(model, images, layer)
-        logger.image(f"{IMAGES}/gradcam_last_stage", make_grid(overlay(shown, cam.maps), nrow=len(images)), step)
+        logger.image(
+            f"{ATTENTION_GROUP}/gradcam_last_stage", make_grid(overlay(shown, cam.maps), nrow=len(images)), step
+        )
     by_stage: dict[str, list[torch.Tensor]] = {}
     for name, mc in maps["channel"]:
         by_stage.setdefault(name.split(".")[0], []).append(mc.flatten())  # layer1 ... layer4
     for stage, values in by_stage.items():
-        logger.histogram(f"{IMAGES}/channel_weights_{stage}", torch.cat(values), step)
+        logger.histogram(f"{ATTENTION_GROUP}/channel_weights_{stage}", torch.cat(values), step)

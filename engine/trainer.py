@@ -167,7 +167,7 @@ class Trainer:
             if self.ema is not None:  # on the device; its first update copies the weights
                 self.ema.update(self.model, step=self.global_step)
 
-    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_backward(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss and logits of one batch, gradients computed. A compiled model compiles in this process's
         first step (announced and timed); one that fails to compile or run falls back to eager mode,
         with one warning."""
@@ -180,24 +180,25 @@ class Trainer:
             )
         tic = time.perf_counter()
         try:
-            result = self._forward_backward_with(self.train_model, x, y)
+            result = self._forward_backward_with(self.train_model, x, target)
         except UserError:
             raise
         except Exception as err:
             if self.train_model is self.eager_model:
                 raise
             self._compile_failed(err)
-            return self._forward_backward_with(self.train_model, x, y)
+            return self._forward_backward_with(self.train_model, x, target)
         if first_compiled and self.main:
             log.info("torch.compile: the first step, compilation included, took %.1f s", time.perf_counter() - tic)
         return result
 
-    def _forward_backward_with(self, model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_backward_with(self, model, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``target``: the labels, or Mixup/CutMix's soft targets."""
         if self.compile_mode in ("reduce-overhead", "max-autotune"):  # CUDA graphs: a new step's outputs
             torch.compiler.cudagraph_mark_step_begin()
         with autocast(self.device, self.amp_dtype):
             logits = model(self._inputs(x))
-            loss = self.train_criterion(logits, y)
+            loss = self.train_criterion(logits, target)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         return loss, logits
@@ -245,15 +246,15 @@ class Trainer:
     def _finish(self) -> dict:
         results = self._results(self.wall_before + time.time() - self.start_wall)
         if self.main:
-            final = (
-                results["top1"],
-                results["best_top1"],
-                results["top5"],
-                self.params / 1e6,
-                self.gmacs,
-                results["train_img_per_s"],
-            )
-            write_hparams(self.logger, self.config_dict, dict(zip(METRICS, final, strict=True)), self.overrides)
+            final = {
+                "val/top1": results["top1"],
+                "val/top1_best": results["best_top1"],
+                "val/top5": results["top5"],
+                "model/params_M": self.params / 1e6,
+                "model/GMACs": self.gmacs,
+                "train/img_per_s": results["train_img_per_s"],
+            }
+            write_hparams(self.logger, self.config_dict, {tag: final[tag] for tag in METRICS}, self.overrides)
             self.logger.close()
             write_atomic(self.run_dir / "results.json", json.dumps(results, indent=2))
             log.info(

@@ -176,8 +176,8 @@ class ResNet(nn.Module):
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         self.attention = resolve_spec(attention)
         # block i of n drops its branch with probability drop_path_rate * i / (n - 1), as timm's ResNets
-        blocks = sum(layers)
-        self._drop_paths = iter([drop_path_rate * i / max(blocks - 1, 1) for i in range(blocks)])
+        rates = [drop_path_rate * i / max(sum(layers) - 1, 1) for i in range(sum(layers))]
+        firsts = [sum(layers[:stage]) for stage in range(4)]  # each stage's first block
         self.inplanes = stem_width or round(64 * width)
         self.groups, self.base_width, self.stride_in_1x1 = groups, width_per_group, stride_in_1x1
         self._norm_layer = norm_layer
@@ -191,10 +191,11 @@ class ResNet(nn.Module):
         self.bn1 = norm_layer(self.inplanes)
         self.relu = nn.ReLU(inplace=True)
         widths = [max(1, round(w * width)) for w in (64, 128, 256, 512)]
-        self.layer1 = self._make_layer(block, widths[0], layers[0])
-        self.layer2 = self._make_layer(block, widths[1], layers[1], stride=2)
-        self.layer3 = self._make_layer(block, widths[2], layers[2], stride=2)
-        self.layer4 = self._make_layer(block, widths[3], layers[3], stride=2)
+        stage_rates = [rates[first : first + n] for first, n in zip(firsts, layers, strict=True)]
+        self.layer1 = self._make_layer(block, widths[0], stage_rates[0])
+        self.layer2 = self._make_layer(block, widths[1], stage_rates[1], stride=2)
+        self.layer3 = self._make_layer(block, widths[2], stage_rates[2], stride=2)
+        self.layer4 = self._make_layer(block, widths[3], stage_rates[3], stride=2)
         # BAM (attention.module=bam) at the end of stages 1-3, as its paper places it; no-ops otherwise
         bam = self.attention.module == "bam"
         stage_channels = [w * block.expansion for w in widths]
@@ -206,7 +207,8 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(self.num_features, num_classes)
         init_backbone(self, zero_init_residual)
 
-    def _make_layer(self, block, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+    def _make_layer(self, block, planes: int, drop_paths: list[float], stride: int = 1) -> nn.Sequential:
+        """One stage: a block per entry of ``drop_paths`` (that block's drop path rate)."""
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(
@@ -220,9 +222,9 @@ class ResNet(nn.Module):
             attention=self.attention,
             stride_in_1x1=self.stride_in_1x1,
         )
-        layers = [block(self.inplanes, planes, stride, downsample, drop_path=next(self._drop_paths), **kwargs)]
+        layers = [block(self.inplanes, planes, stride, downsample, drop_path=drop_paths[0], **kwargs)]
         self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes, drop_path=next(self._drop_paths), **kwargs) for _ in range(1, blocks)]
+        layers += [block(self.inplanes, planes, drop_path=rate, **kwargs) for rate in drop_paths[1:]]
         return nn.Sequential(*layers)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
