@@ -27,6 +27,7 @@ from cbam.spec import CHOICES, PRESETS, AttentionSpec
 from models import ARCHS, backbone_options
 
 from .data import DATASETS, DECODE_CHOICES, FORMATS, IMAGE_SETS
+from .data.randaugment import check_config as check_randaugment
 from .device import AMP_CHOICES, COMPILE_MODES
 
 
@@ -145,6 +146,7 @@ class DataConfig(_Checked):
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     augment: bool = True  # in-memory sets: random crop after zero padding + horizontal flip
+    randaugment: str = ""  # timm's RandAugment string (rand-m6-mstd0.5-inc1), on the device after the crop; "" = off
     crop_padding: int = 4
     download: bool = True  # fetch with torchvision when the files are missing and a network is there
     verify: bool = True  # CIFAR: check the files against torchvision's MD5 sums (false: files made by hand)
@@ -165,6 +167,13 @@ class DataConfig(_Checked):
         _require(self.workers >= 0, f"data.workers must be >= 0 (0: decode in the main process), got {self.workers}")
         _require(
             min(self.eval_size, self.resize_size) >= 0, "data.eval_size and data.resize_size must be >= 0 (0: default)"
+        )
+        problem = self.randaugment and check_randaugment(self.randaugment)
+        _require(
+            not problem,
+            f"data.randaugment={self.randaugment!r}: {problem}. Allowed: timm's RandAugment strings, such as "
+            "rand-m9-mstd0.5 or rand-m6-mstd0.5-inc1 (m magnitude 0-10, n ops, mstd magnitude noise, inc1 increasing "
+            "ops, p probability), or '' for none",
         )
         first_last = self.progressive_epochs
         _require(
@@ -280,6 +289,7 @@ class TrainConfig:
     logger: LoggerConfig = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
     name: str = "train"
+    recipe: str = "custom"  # the recipe group's choice (configs/recipe/: paper, modern, rsb_a3); custom: none
     seed: int = 0
     resume: Optional[str] = None  # null | auto | path to a checkpoint
     dry_run: bool = False  # compose and check the config, write the run folder's .hydra/, train nothing
@@ -302,6 +312,9 @@ def register_configs(app: str = "train") -> None:
     ``attention`` groups: one per backbone of ``models.ARCHS`` and one per preset of ``cbam.spec.PRESETS``."""
     cs = ConfigStore.instance()
     OmegaConf.register_new_resolver("run_name", run_name, replace=True)  # hydra.sweep.subdir
+    # The recipes' epoch counts that scale with the run's length (configs/recipe/)
+    OmegaConf.register_new_resolver("epochs_div", _epochs_div, replace=True)
+    OmegaConf.register_new_resolver("epochs_mul", _epochs_mul, replace=True)
     if app == "eval":
         cs.store(name="base_eval", node=EvalConfig)
         return
@@ -322,6 +335,16 @@ def register_configs(app: str = "train") -> None:
         cs.store(group="attention", name=name, node=AttentionConfig(**dataclasses.asdict(spec)))
 
 
+def _epochs_div(parts: int, *, _root_: DictConfig) -> int:
+    """``${epochs_div:3}``: a third of ``trainer.epochs``, rounded, at least 1 (the paper's step schedule)."""
+    return max(1, round(_root_.trainer.epochs / parts))
+
+
+def _epochs_mul(fraction: float, *, _root_: DictConfig) -> float:
+    """``${epochs_mul:0.05}``: that fraction of ``trainer.epochs`` (a warmup of 5% of the run)."""
+    return _root_.trainer.epochs * fraction
+
+
 # A group override names the option of a group; its config field is the option's name.
 GROUP_FIELDS = {
     "model": "model.arch",
@@ -330,6 +353,7 @@ GROUP_FIELDS = {
     "optim": "optim.name",
     "sched": "sched.name",
     "logger": "logger.name",
+    "recipe": "recipe",
 }
 # Overrides that say where things are or how the sweep is run, not what is trained.
 NOT_RUN_FIELDS = ("hydra", "experiment", "data.root", "paths", "resume", "name", "dry_run")

@@ -20,6 +20,7 @@ from .loggers import Logger
 # Shown first in TensorBoard's HParams tab, by these short names; other fields only when overridden.
 KEY_FIELDS = {
     "name": "experiment",
+    "recipe": "recipe",
     "data.name": "data",
     "model.arch": "arch",
     "attention.name": "attention",

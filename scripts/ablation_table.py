@@ -35,7 +35,7 @@ from engine.sweep import read_status
 from models import backbone_options
 
 IGNORED = {"seed", "name", "resume", "paths.log_dir", "paths.output_dir"}
-PREFERRED = ("attention.name", "model.arch", "data.name")  # kept when another field says the same
+PREFERRED = ("attention.name", "recipe", "model.arch", "data.name")  # kept when another field says the same
 
 
 @dataclass
@@ -184,6 +184,7 @@ def describe(runs: list[Run]) -> str:
     parts = []
     for label, key in [
         ("data", ("data", "name")),
+        ("recipe", ("recipe",)),
         ("epochs", ("trainer", "epochs")),
         ("optim", ("optim", "name")),
         ("lr", ("optim", "lr")),

@@ -93,6 +93,27 @@ def kill_in_process_then_resume(run_dir: Path, *overrides: str, kill_at_step: in
     return trainer
 
 
+def synthetic_batches(world_size=1, rank=0, train=True, augment=True, batch_size=8, randaugment=""):
+    """Training (or evaluation) batches of a small synthetic set (50 images of 12 px), seed 3, crops padded by 2."""
+    from engine.data import TensorBatches, synthetic
+
+    split, _ = synthetic(5, 3, 12, 50, 10)
+    return TensorBatches(
+        split.images,
+        split.labels,
+        batch_size,
+        [0.5] * 3,
+        [0.25] * 3,
+        train,
+        seed=3,
+        augment=augment,
+        crop_padding=2,
+        rank=rank,
+        world_size=world_size,
+        randaugment=randaugment,
+    )
+
+
 def torchrun(run_dir, *overrides):
     """``train.py`` in two processes under ``torchrun`` (gloo on the CPU)."""
     cmd = [

@@ -3,24 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from engine.data import TensorBatches, generator, random_crop_flip, synthetic
-
-
-def batches(world_size=1, rank=0, train=True, augment=True, batch_size=8):
-    split, _ = synthetic(5, 3, 12, 50, 10)
-    return TensorBatches(
-        split.images,
-        split.labels,
-        batch_size,
-        [0.5] * 3,
-        [0.25] * 3,
-        train,
-        seed=3,
-        augment=augment,
-        crop_padding=2,
-        rank=rank,
-        world_size=world_size,
-    )
+from engine.data import generator, random_crop_flip
+from helpers import synthetic_batches as batches
 
 
 def test_rank_shards_reassemble_the_single_process_batches():

@@ -192,15 +192,17 @@ def test_mixing_an_odd_batch_is_refused():
 
 
 def test_a_run_with_the_modern_parts_killed_and_resumed_is_bit_identical(tmp_path):
-    """LAMB, drop path, Mixup and CutMix, binary cross-entropy and an EMA of the weights, killed after step
-    7 (its last checkpoint: step 6, mid-epoch) and resumed: the same weights, optimizer state, EMA and
-    history as the uninterrupted run (drop path draws from torch's saved RNG, the mixer from seed and step)."""
+    """LAMB, drop path, RandAugment, Mixup and CutMix, binary cross-entropy and an EMA of the weights, killed
+    after step 7 (its last checkpoint: step 6, mid-epoch) and resumed: the same weights, optimizer state, EMA
+    and history as the uninterrupted run (drop path draws from torch's saved RNG, RandAugment from seed,
+    epoch and batch, the mixer from seed and step)."""
     from helpers import assert_same_run, kill_in_process_then_resume, train_here
 
     recipe = [
         "experiment=smoke",
         "optim=lamb",
         "model.drop_path_rate=0.2",
+        "data.randaugment=rand-m6-mstd0.5-inc1",
         "trainer.mixup=0.1",
         "trainer.cutmix=1.0",
         "trainer.loss=bce",
@@ -217,3 +219,67 @@ def test_a_run_with_the_modern_parts_killed_and_resumed_is_bit_identical(tmp_pat
     assert killed.mixer is not None and type(killed.train_criterion).__name__ == "BinaryCrossEntropy"
     assert killed.checkpoint_at_kill == 6
     assert_same_run(tmp_path / "whole", tmp_path / "killed")
+
+
+def test_recipes_are_their_sources_and_scale_with_the_runs_length():
+    """recipe=paper: the paper's ImageNet recipe, its lr steps at the thirds of any length; rsb_a3: timm's
+    ResNet strikes back A3 (arguments of its published training command); modern: A3's parts at any length."""
+    paper = compose("recipe=paper")
+    o, s, t = paper.optim, paper.sched, paper.trainer
+    assert (paper.recipe, o.name, o.lr, o.momentum, o.nesterov, o.weight_decay) == (
+        "paper",
+        "sgd",
+        0.1,
+        0.9,
+        False,
+        1e-4,
+    )
+    assert (s.name, s.decay_epochs, s.decay_rate, s.warmup_epochs, t.epochs, t.batch_size) == (
+        "step",
+        30,
+        0.1,
+        0,
+        90,
+        256,
+    )
+    assert (t.loss, t.mixup, t.cutmix, t.label_smoothing, paper.data.randaugment, paper.model.drop_path_rate) == (
+        "ce",
+        0,
+        0,
+        0,
+        "",
+        0,
+    )
+    assert compose("recipe=paper", "trainer.epochs=12").sched.decay_epochs == 4
+
+    a3 = compose("recipe=rsb_a3", "data=imagenet", "data.root=/data")
+    o, s, t, d = a3.optim, a3.sched, a3.trainer, a3.data
+    assert (a3.recipe, o.name, o.lr, o.weight_decay, o.weight_decay_norm_bias) == ("rsb_a3", "lamb", 8e-3, 0.02, False)
+    assert (s.name, s.per_step, s.warmup_epochs, t.epochs, t.batch_size) == ("cosine", True, 5, 100, 2048)
+    assert (t.loss, t.bce_target_threshold, t.mixup, t.cutmix, t.label_smoothing) == ("bce", 0.2, 0.1, 1.0, 0)
+    assert (d.randaugment, a3.model.drop_path_rate) == ("rand-m6-mstd0.5-inc1", 0.05)
+    assert (d.image_size, d.eval_size, d.resize_size) == (160, 224, 235)  # timm: crop_pct 0.95, floor(224 / 0.95)
+
+    modern = compose("recipe=modern", "trainer.epochs=6")
+    assert modern.sched.warmup_epochs == pytest.approx(0.3)
+    same = (
+        "optim.name",
+        "optim.lr",
+        "optim.weight_decay",
+        "trainer.loss",
+        "trainer.mixup",
+        "trainer.cutmix",
+        "data.randaugment",
+    )
+    for key in same:
+        group, name = key.split(".")
+        assert getattr(getattr(modern, group), name) == getattr(getattr(a3, group), name), key
+
+
+@pytest.mark.parametrize("experiment", ["paper/table1", "paper/table2", "paper/table3", "paper/table4", "paper/table5"])
+def test_paper_experiments_train_with_the_paper_recipe_unless_told_otherwise(experiment):
+    config = compose(f"experiment={experiment}", "data.root=/data")
+    assert config.recipe == "paper" and config.optim.name == "sgd" and config.trainer.epochs == 90
+    config = compose(f"experiment={experiment}", "recipe=rsb_a3", "data.root=/data")
+    assert config.recipe == "rsb_a3" and config.optim.name == "lamb" and config.trainer.epochs == 100
+    assert config.data.name == "imagenet" and config.data.image_size == 160

@@ -102,6 +102,7 @@ def test_hparams_show_the_key_fields_first_and_the_run_figures_as_metrics(smoke_
     # the key fields, then the fields the command line set (SMOKE's, not hydra.run.dir nor experiment=)
     assert names == [
         "experiment",
+        "recipe",
         "data",
         "arch",
         "attention",
@@ -119,6 +120,7 @@ def test_hparams_show_the_key_fields_first_and_the_run_figures_as_metrics(smoke_
     start = metadata.parse_session_start_info_plugin_data(plugin[metadata.SESSION_START_INFO_TAG])
     config = results(smoke_run)["config"]
     assert start.hparams["experiment"].string_value == "smoke" and start.hparams["data"].string_value == "synthetic"
+    assert start.hparams["recipe"].string_value == "custom"  # smoke sets its own optimizer and schedule
     assert start.hparams["arch"].string_value == config["model"]["arch"] == "resnet18"
     assert start.hparams["lr"].number_value == config["optim"]["lr"]
     assert start.hparams["model.width"].number_value == 0.25

@@ -22,6 +22,7 @@ from .loader import ImageBatches, ImageLoader, Source
 from .memory import IN_MEMORY, TensorBatches, load_cifar, load_fashion_mnist, random_crop_flip, synthetic
 from .normalize import Normalize
 from .order import BatchPlan, epoch_order, generator
+from .randaugment import BatchRandAugment
 from .shards import ShardSource
 
 __all__ = [
@@ -113,7 +114,11 @@ def build_batches(
         val = ImageBatches(loader, "val", eval_batch_size, seed, eval_size, **dist)
         if not train:
             return None, val
-        return ImageBatches(loader, "train", batch_size, seed, cfg.image_size, progressive, **dist), val
+        randaugment = BatchRandAugment(cfg.randaugment, cfg.mean, cfg.image_size, seed) if cfg.randaugment else None
+        train_batches = ImageBatches(
+            loader, "train", batch_size, seed, cfg.image_size, progressive, **dist, randaugment=randaugment
+        )
+        return train_batches, val
     if cfg.name not in IN_MEMORY:
         raise DataError(f"unknown data set {cfg.name!r}; known: {', '.join(DATASETS)}")
     train_split, val_split = IN_MEMORY[cfg.name](cfg)
@@ -125,5 +130,5 @@ def build_batches(
     val = TensorBatches(val_split.images, val_split.labels, eval_batch_size, train=False, **common)
     if not train:
         return None, val
-    augmented = dict(augment=cfg.augment, crop_padding=cfg.crop_padding)
+    augmented = dict(augment=cfg.augment, crop_padding=cfg.crop_padding, randaugment=cfg.randaugment)
     return TensorBatches(train_split.images, train_split.labels, batch_size, train=True, **augmented, **common), val

@@ -18,7 +18,7 @@ import multiprocessing
 import os
 import random
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -30,6 +30,7 @@ from .errors import DataError
 from .geometry import Box, center_crop, random_resized_crop, resized_crop, train_resolution
 from .normalize import Normalize
 from .order import BatchPlan
+from .randaugment import BatchRandAugment
 
 Key = tuple[str, int, int, int]  # split ("train" | "val"), sample index, epoch, output size
 
@@ -185,10 +186,13 @@ class ImageLoader:
             dataset, self.loader = self.loader.dataset, None  # the DataLoader's iterator shuts its workers down
             self.loader = self._make(dataset)
 
-    def run(self, batches: list[list[Key]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Each batch of keys as (normalised images, labels) on the device, in order."""
+    def run(
+        self, batches: list[list[Key]], augment: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Each batch of keys as (normalised images, labels) on the device, in order; ``augment(position,
+        uint8 images)``, where given, changes each batch's pixels on the device before they are normalised."""
         self.passes.pending = batches
-        for batch in self.loader:
+        for position, batch in enumerate(self.loader):
             if isinstance(batch, DataError):
                 raise batch
             labels, flips = (t.to(self.device, non_blocking=True) for t in batch[1:3])
@@ -199,6 +203,8 @@ class ImageLoader:
                 images = batch.payload.to(self.device, non_blocking=True)
             images = images.permute(0, 3, 1, 2)  # NCHW, channels-last
             images = torch.where(flips[:, None, None, None], images.flip(3), images)
+            if augment is not None:
+                images = augment(position, images)
             yield self.normalize(images), labels
 
 
@@ -215,10 +221,12 @@ class ImageBatches(BatchPlan):
         progressive: tuple[int, tuple[int, int]] = (0, (0, 0)),
         rank: int = 0,
         world_size: int = 1,
+        randaugment: BatchRandAugment | None = None,
     ):
         source = loader.loader.dataset.sources[split]
         super().__init__(len(source), batch_size, split == "train", seed, rank, world_size)
         self.loader, self.split, self.size, self.progressive = loader, split, size, progressive
+        self.randaugment = randaugment if self.train else None
 
     def size_at(self, epoch: int) -> int:
         """The crop size of ``epoch``'s batches (progressive training: it grows; evaluation: fixed)."""
@@ -236,4 +244,11 @@ class ImageBatches(BatchPlan):
         """(images, labels) of ``epoch``'s batches ``start`` to ``stop`` (excluded; None: the end)."""
         size = self.size_at(epoch)
         keys = [[(self.split, i, epoch, size) for i in batch] for batch in self.rank_batches(epoch, start, stop)]
-        return self.loader.run(keys)
+        if self.randaugment is None:
+            return self.loader.run(keys)
+        part, randaugment = self.rank_part(), self.randaugment
+
+        def augment(position: int, images: torch.Tensor) -> torch.Tensor:
+            return randaugment(images, epoch, start + position, part, self.global_batch)
+
+        return self.loader.run(keys, augment)

@@ -20,6 +20,7 @@ import torchvision
 from .errors import DataError
 from .normalize import Normalize
 from .order import BatchPlan, generator
+from .randaugment import BatchRandAugment
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -66,6 +67,7 @@ class TensorBatches(BatchPlan):
         rank: int = 0,
         world_size: int = 1,
         dtype: torch.dtype = torch.float32,
+        randaugment: str = "",
     ):
         super().__init__(len(labels), batch_size, train, seed, rank, world_size)
         self.device = torch.device(device)
@@ -73,6 +75,8 @@ class TensorBatches(BatchPlan):
         self.labels = labels.to(self.device)
         self.augment, self.crop_padding = augment and train, crop_padding
         self.normalize = Normalize(mean, std, self.device, dtype)
+        size = images.shape[-1]
+        self.randaugment = BatchRandAugment(randaugment, mean, size, seed) if randaugment and train else None
 
     def batches(
         self, epoch: int = 0, start: int = 0, stop: int | None = None
@@ -85,6 +89,8 @@ class TensorBatches(BatchPlan):
                 x = random_crop_flip(self.images[idx], self.crop_padding, generator(self.seed, epoch, i))[part]
             else:
                 x = self.images[idx[part]]
+            if self.randaugment:
+                x = self.randaugment(x, epoch, i, part, len(idx))
             yield self.normalize(x), self.labels[idx[part]]
 
 
