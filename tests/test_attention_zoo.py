@@ -138,8 +138,10 @@ def test_the_attention_zoo_sweep_composes_every_job():
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    from engine.config import register_configs
     from helpers import ROOT
 
+    register_configs()  # the schemas the YAML files name, as train.py registers them
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
         sweep = hydra_compose("train", overrides=["experiment=attention_zoo"], return_hydra_config=True)
     names = sweep.hydra.sweeper.params.attention.split(",")
