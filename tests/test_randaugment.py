@@ -150,3 +150,14 @@ def test_image_set_batches_are_augmented_on_the_device_as_the_in_memory_ones(tmp
         assert torch.equal(y, ya) and torch.equal((xa + 127.5).round().to(torch.uint8), expected)
         assert not torch.equal(x, xa)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(plain_val.batches(), val.batches(), strict=True))
+
+
+def test_augmenting_a_batch_reads_nothing_back_from_the_device():
+    """No call that would make the host wait for a CUDA device (``engine.syncs``): the draws and the ops'
+    arguments stay on the host, the pixels on the device."""
+    from engine.syncs import SyncCounter
+
+    loader = batches(randaugment="rand-m9-n3-mstd0.5-inc1", batch_size=16)
+    with SyncCounter(torch.device("cpu")) as counter, counter.counting():
+        augmented = list(loader.batches(epoch=0))
+    assert counter.calls == [] and len(augmented) == 50 // 16

@@ -20,7 +20,6 @@ one uninterrupted process does.
 
 from __future__ import annotations
 
-import math
 import random
 from collections import defaultdict
 
@@ -112,19 +111,21 @@ def apply(x: torch.Tensor, drawn: list[Drawn], fill: list[float] | None = None) 
                 groups[ops[k][0]].append(i)
         for name, rows in groups.items():
             index = torch.tensor(rows, device=x.device)
+            # arguments stay on the CPU: the geometric ops build their matrices from them without reading the device
             args = torch.tensor([drawn[i][k][1] for i in rows], dtype=torch.float32).reshape(len(rows), -1)
-            x = x.index_copy(0, index, OPS[name](x.index_select(0, index), args.to(x.device), fill))
+            x = x.index_copy(0, index, OPS[name](x.index_select(0, index), args, fill))
     return x
 
 
-def _per_image(values: torch.Tensor) -> torch.Tensor:
-    return values.view(-1, 1, 1, 1)
+def _per_image(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(N,) CPU values as (N, 1, 1, 1) on ``device``, copied without waiting for it."""
+    return values.view(-1, 1, 1, 1).to(device, non_blocking=True)
 
 
 def _blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """PIL's ``ImageEnhance`` (``Image.blend``): ``degenerate + factor * (x - degenerate)`` in float32, clipped
     to 0-255 and truncated to uint8."""
-    out = degenerate.float() + _per_image(factor) * (x.float() - degenerate.float())
+    out = degenerate.float() + _per_image(factor, x.device) * (x.float() - degenerate.float())
     return out.clamp(0, 255).to(torch.uint8)
 
 
@@ -162,16 +163,16 @@ def _sharpness(x, args, _fill):
 def _posterize(x, args, _fill):
     bits = args[:, 0].long().clamp(0, 8)
     mask = (255 - (2 ** (8 - bits) - 1)).to(torch.uint8)
-    return x & _per_image(mask)
+    return x & _per_image(mask, x.device)
 
 
 def _solarize(x, args, _fill):
-    threshold = _per_image(args[:, 0])
+    threshold = _per_image(args[:, 0], x.device)
     return torch.where(x.float() >= threshold, 255 - x, x)
 
 
 def _solarize_add(x, args, _fill):
-    added = (x.float() + _per_image(args[:, 0])).clamp(max=255).to(torch.uint8)
+    added = (x.float() + _per_image(args[:, 0], x.device)).clamp(max=255).to(torch.uint8)
     return torch.where(x < 128, added, x)
 
 
@@ -192,38 +193,37 @@ def _affine(x: torch.Tensor, matrices: torch.Tensor, fill: torch.Tensor) -> torc
     return out.clamp(0, 255).to(torch.uint8)
 
 
-def _matrices(rows: list[list[float]], device) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.float32, device=device).view(-1, 2, 3)
+def _matrices(a, b, c, d, e, f, device) -> torch.Tensor:
+    """(N, 2, 3) affine matrices [[a, b, c], [d, e, f]] from (N,) CPU tensors or numbers, on ``device``."""
+    n = next(v for v in (a, b, c, d, e, f) if isinstance(v, torch.Tensor)).shape[0]
+    rows = [v if isinstance(v, torch.Tensor) else torch.full((n,), float(v)) for v in (a, b, c, d, e, f)]
+    return torch.stack(rows, 1).view(n, 2, 3).to(device, non_blocking=True)
 
 
 def _shear_x(x, args, fill):
-    return _affine(x, _matrices([[1, f, 0, 0, 1, 0] for f in args[:, 0].tolist()], x.device), fill)
+    return _affine(x, _matrices(1, args[:, 0], 0, 0, 1, 0, x.device), fill)
 
 
 def _shear_y(x, args, fill):
-    return _affine(x, _matrices([[1, 0, 0, f, 1, 0] for f in args[:, 0].tolist()], x.device), fill)
+    return _affine(x, _matrices(1, 0, 0, args[:, 0], 1, 0, x.device), fill)
 
 
 def _translate_x_rel(x, args, fill):
-    w = x.shape[-1]
-    return _affine(x, _matrices([[1, 0, p * w, 0, 1, 0] for p in args[:, 0].tolist()], x.device), fill)
+    return _affine(x, _matrices(1, 0, args[:, 0] * x.shape[-1], 0, 1, 0, x.device), fill)
 
 
 def _translate_y_rel(x, args, fill):
-    h = x.shape[-2]
-    return _affine(x, _matrices([[1, 0, 0, 0, 1, p * h] for p in args[:, 0].tolist()], x.device), fill)
+    return _affine(x, _matrices(1, 0, 0, 0, 1, args[:, 0] * x.shape[-2], x.device), fill)
 
 
 def _rotate(x, args, fill):
     """PIL's ``rotate(degrees)``: counter-clockwise about the image's centre."""
-    h, w = x.shape[-2:]
-    cx, cy = w / 2, h / 2
-    rows = []
-    for degrees in args[:, 0].tolist():
-        a = -math.radians(degrees)
-        cos, sin = math.cos(a), math.sin(a)
-        rows.append([cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy])
-    return _affine(x, _matrices(rows, x.device), fill)
+    cx, cy = x.shape[-1] / 2, x.shape[-2] / 2
+    angle = torch.deg2rad(-args[:, 0].double())
+    cos, sin = angle.cos().float(), angle.sin().float()
+    return _affine(
+        x, _matrices(cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy, x.device), fill
+    )
 
 
 OPS = {  # timm's op names (its increasing variants among them) -> the batched op, per-image arguments
