@@ -85,6 +85,11 @@ def main(cfg: DictConfig) -> float | None:
             if requeued
             else "not requeued (no SLURM job, or scontrol refused)",
         )
+    if results is None and in_sweep and hydra_cfg.launcher._target_.endswith(".BasicLauncher"):
+        # Hydra's local launcher runs the jobs one after another in this process: a stop ends the sweep, as it
+        # ends a single run, rather than the job alone (the next one would start at once).
+        log.warning("the sweep stops with this job: the jobs after it were not started")
+        sys.exit(sweep.exit_code())
     # The return value is what a Hydra sweeper optimises.
     return None if results is None else results["top1"]
 

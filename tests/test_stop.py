@@ -135,3 +135,26 @@ def test_sigterm_during_a_cold_compile_ends_the_run_within_30s(tmp_path, what):
     assert "stopped in the middle of work" in text or "stopped at epoch" in text, text
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists(), "no step had finished"
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_sigterm_during_a_local_sweep_ends_the_sweep_with_the_job(tmp_path):
+    """Hydra's local launcher runs a sweep's jobs one after another in one process: SIGTERM in the first job
+    stops it with its checkpoint and ends the process, instead of starting the next job."""
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "-m",
+        "experiment=smoke",
+        *TINY,
+        "seed=0,1,2",
+        "trainer.epochs=50",
+        "trainer.image_every=0",
+        f"hydra.sweep.dir={tmp_path}",
+    ]
+    out, code, seconds = sigterm_after_output(cmd, "epoch 1/50 step 5/8", timeout=300)
+    assert code == 0 and seconds < 10, out
+    assert "the sweep stops with this job" in out
+    jobs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert jobs == ["seed=0"], jobs
+    assert json.loads((tmp_path / "seed=0" / "status.json").read_text()) == {"status": "stopped"}
+    assert (tmp_path / "seed=0" / "checkpoints" / "last.pt").is_file()
