@@ -147,10 +147,15 @@ def sigterm_after_output(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=group
     )
     lines, deadline = [], time.time() + timeout
-    while not any(marker in line for line in lines):
-        line = proc.stdout.readline()
-        assert (line or proc.poll() is None) and time.time() < deadline, "".join(lines)
-        lines.append(line)
+    try:
+        while not any(marker in line for line in lines):
+            line = proc.stdout.readline()
+            assert (line or proc.poll() is None) and time.time() < deadline, "".join(lines)
+            lines.append(line)
+    except BaseException:  # the marker never came: leave no process behind
+        os.killpg(proc.pid, signal.SIGKILL) if group else proc.kill()
+        proc.wait()
+        raise
     sent = time.time()
     if group:
         os.killpg(proc.pid, signal.SIGTERM)
