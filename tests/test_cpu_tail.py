@@ -22,6 +22,15 @@ pytestmark = pytest.mark.skipif(cpu_tail.library() is None, reason="needs a C++ 
 KERNEL_VARIANTS = ["se", "channel_max", "channel", "spatial", "cbam", "cbam_parallel"]
 
 
+@pytest.fixture(autouse=True)
+def _several_threads():
+    """The kernel splits the batch between threads: at least two, whatever OMP_NUM_THREADS says (CI sets 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Fused graphs as in a normal run (compiled mode), the graph itself forbidden, kernel calls counted."""
