@@ -12,7 +12,7 @@ quickstart: install
 	$(BIN)/python train.py experiment=quickstart
 
 test: install
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n auto --dist loadfile
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow" -x -q

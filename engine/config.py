@@ -28,7 +28,7 @@ from models import ARCHS, backbone_options
 
 from .data import DATASETS, DECODE_CHOICES, FORMATS, IMAGE_SETS
 from .data.randaugment import check_config as check_randaugment
-from .device import AMP_CHOICES, COMPILE_MODES
+from .device import AMP_CHOICES, COMPILE_BACKENDS, COMPILE_MODES
 
 
 class ConfigError(UserError):
@@ -98,6 +98,7 @@ Schedule = _enum("Schedule", ["step", "cosine", "linear", "constant"])
 Amp = _enum("Amp", AMP_CHOICES)
 Loss = _enum("Loss", ["ce", "bce"])
 CompileMode = _enum("CompileMode", COMPILE_MODES)
+CompileBackend = _enum("CompileBackend", COMPILE_BACKENDS)
 
 
 # A ``model`` option's values that come from its backbone: its own width (WRN-18-2's 2.0) and the options
@@ -227,6 +228,7 @@ class TrainerConfig(_Checked):
     channels_last: bool = True
     compile: Optional[bool] = None  # torch.compile the model; null: where it measured faster (engine/device.py)
     compile_mode: CompileMode = CompileMode.auto  # torch.compile's mode; auto: the device's measured one
+    compile_backend: CompileBackend = CompileBackend.inductor  # aot_eager | eager: capture without inductor
     label_smoothing: float = 0.0
     mixup: float = 0.0  # Mixup's alpha (timm.data.Mixup, on the device); 0 = off
     cutmix: float = 0.0  # CutMix's alpha; with mixup too, each batch gets one of them (probability 1/2 each)
@@ -256,6 +258,11 @@ class TrainerConfig(_Checked):
             0 <= self.label_smoothing < 1, f"trainer.label_smoothing must be in [0, 1), got {self.label_smoothing}"
         )
         _require(self.grad_clip >= 0, f"trainer.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        _require(
+            self.compile_backend == "inductor" or self.compile_mode in ("auto", "default"),
+            f"trainer.compile_mode={self.compile_mode} is inductor's; with trainer.compile_backend="
+            f"{self.compile_backend} use trainer.compile_mode=auto or default",
+        )
         _require(self.stop_grace_s > 0, f"trainer.stop_grace_s must be > 0, got {self.stop_grace_s}")
         _require(0 <= self.ema_decay < 1, f"trainer.ema_decay must be in [0, 1) (0 = no EMA), got {self.ema_decay}")
         for name in ("mixup", "cutmix"):

@@ -174,8 +174,9 @@ class Trainer:
         first_compiled = self.compile_mode is not None and self.clock.steps == 0
         if first_compiled and self.main:
             log.info(
-                "torch.compile (mode %s): compiling the model in the first training step; with a cold "
+                "torch.compile (%s %s): compiling the model in the first training step; with a cold "
                 "inductor cache this can take minutes",
+                "mode" if self.t.compile_backend == "inductor" else "backend",
                 self.compile_mode,
             )
         tic = time.perf_counter()
@@ -540,11 +541,13 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.eager_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         # DDP first, then the compiler: dynamo's DDPOptimizer splits the graph at DDP's gradient buckets
-        self.compile_mode = compile_mode(self.t.compile, self.t.compile_mode, self.device, distributed)
+        backend = self.t.compile_backend
+        self.compile_mode = compile_mode(self.t.compile, self.t.compile_mode, self.device, distributed, backend)
         self.train_model = self.eager_model
         if self.compile_mode is not None:
+            mode = self.compile_mode if backend == "inductor" else None
             try:
-                self.train_model = torch.compile(self.eager_model, mode=self.compile_mode)
+                self.train_model = torch.compile(self.eager_model, backend=backend, mode=mode)
             except Exception as err:  # as a failure in the first step: eager mode, one warning
                 self._compile_failed(err)
 

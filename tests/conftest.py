@@ -18,6 +18,15 @@ needs_fmnist = pytest.mark.skipif(
 )
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook; plain pytest runs without it
+def pytest_xdist_auto_num_workers(config):
+    """``pytest -n auto``: a worker per core this process may run on, as many as memory holds (a worker
+    that trains, compiles and starts train.py processes needs up to 3 GiB)."""
+    cores = len(os.sched_getaffinity(0))
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return max(1, min(cores, int(memory_gib // 3)))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

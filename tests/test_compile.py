@@ -2,6 +2,7 @@
 back to the reference with one warning, the reference stays correct under torch.compile, and a run
 with the whole model compiled (the CUDA default) says that it compiles and trains as eager mode does."""
 
+import logging
 import re
 import sys
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from cbam.fused import compiler
-from helpers import ROOT, TINY, results, train, train_here
+from helpers import ROOT, TINY, results, train_here
 from models import create_model
 
 SMOKE = ["experiment=smoke", *TINY, "trainer.epochs=1", "trainer.image_every=0"]
@@ -60,18 +61,17 @@ def test_failing_compiler_falls_back_to_the_reference(tmp_path, compile_override
 
 
 @pytest.mark.slow
-def test_whole_model_compilation_is_announced_and_trains_as_eager_mode(tmp_path):
+def test_whole_model_compilation_is_announced_and_trains_as_eager_mode(tmp_path, reference_run, caplog):
     """trainer.compile=true with the reference modules inside (the default on CUDA): the first step's
-    compilation is logged with its time, and training gives eager mode's numbers."""
-    train(tmp_path / "eager", *SMOKE, "attention.impl=reference", "trainer.compile=false")
-    proc = train(tmp_path / "compiled", *SMOKE, "attention.impl=reference", "trainer.compile=true")
-    text = proc.stdout + proc.stderr
-    assert "torch.compile (mode default): compiling the model in the first training step" in text, text
-    assert re.search(r"torch.compile: the first step, compilation included, took \d+\.\d s", text), text
-    compiled, eager = results(tmp_path / "compiled"), results(tmp_path / "eager")
+    compilation is logged with its time, and training gives eager mode's numbers (in this process: the
+    compiler, not the process, is the subject)."""
+    with caplog.at_level(logging.INFO, logger="cbam"):
+        compiled = train_here(tmp_path, *SMOKE, "attention.impl=reference", "trainer.compile=true")
+    assert "torch.compile (mode default): compiling the model in the first training step" in caplog.text
+    assert re.search(r"torch.compile: the first step, compilation included, took \d+\.\d s", caplog.text)
     assert compiled["settings"]["compile"] == "default" and compiled["settings"]["attention_impl"] == "reference"
-    assert compiled["steps"] == eager["steps"] == 8
-    for ours, theirs in zip(compiled["history"], eager["history"], strict=True):
+    assert compiled["steps"] == reference_run["steps"] == 8
+    for ours, theirs in zip(compiled["history"], reference_run["history"], strict=True):
         for split in ("train", "val"):
             assert ours[split]["loss"] == pytest.approx(theirs[split]["loss"], rel=1e-3), (split, ours, theirs)
 

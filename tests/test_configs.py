@@ -301,10 +301,14 @@ def test_a_checkpoints_plain_config_reads_back_from_any_version():
         ("data.progressive_from=16", "progressive resizing is for image sets"),
         ("attention.kernel_size=4", "attention.kernel_size must be a positive odd integer"),
         ("model.width=-1", "model.width must be > 0"),
+        (
+            "trainer.compile_backend=aot_eager trainer.compile_mode=reduce-overhead",
+            "trainer.compile_mode=reduce-overhead is inductor's; with trainer.compile_backend=aot_eager use",
+        ),
     ],
 )
 def test_values_out_of_range_are_refused_when_the_config_is_built(override, message):
     from cbam.errors import UserError
 
     with pytest.raises(UserError, match=message):
-        compose_train("experiment=smoke", override)
+        compose_train("experiment=smoke", *override.split())

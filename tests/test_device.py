@@ -26,6 +26,9 @@ def test_compile_choice():
     assert compile_mode(False, "auto", CUDA) is None
     assert compile_mode(True, "auto", CPU) == "default"
     assert compile_mode(True, "max-autotune", CPU) == "max-autotune"
+    # another backend than inductor: its name (the modes are inductor's)
+    assert compile_mode(True, "auto", CUDA, backend="aot_eager") == "aot_eager"
+    assert compile_mode(None, "auto", CPU, backend="aot_eager") is None
 
 
 def test_run_records_what_auto_resolved_to(tmp_path):

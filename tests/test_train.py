@@ -221,14 +221,14 @@ def test_same_run_dir_without_resume_is_refused(smoke_run):
 @pytest.mark.slow
 @needs_fmnist
 def test_short_real_fashion_mnist_run(tmp_path):
-    train(
+    """The real data set in this process, then eval.py on its checkpoint as a user runs it."""
+    r = train_here(
         tmp_path,
         "experiment=quickstart",
         "trainer.epochs=1",
         "trainer.limit_train_batches=40",
         "trainer.batch_size=128",
     )
-    r = results(tmp_path)
     assert r["history"][0]["val"]["samples"] == 10000  # the real test set
     assert r["top1"] > 50  # 40 steps of 128 images learn something real
     assert events(tmp_path).Tags()["images"]
