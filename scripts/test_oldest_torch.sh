@@ -19,10 +19,8 @@ fi
 [ "$step" = install ] && exit 0
 .venv-oldest/bin/python -c "import torch, torchvision; print('oldest supported: torch', torch.__version__, \
 'torchvision', torchvision.__version__)"
-# its own temporary folder and no pytest cache: .ci/run runs it beside the newest torch's pytest; a
-# worker per core, as there (tests/conftest.py)
-.venv-oldest/bin/python -m pytest -q -m "not slow and not any_torch" -p no:cacheprovider --basetemp="$(mktemp -d)" \
-  -n auto --dist loadfile
+# its own temporary folder and no pytest cache: .ci/run runs it beside the newest torch's pytest
+.venv-oldest/bin/python -m pytest -q -m "not slow and not any_torch" -p no:cacheprovider --basetemp="$(mktemp -d)"
 .venv-oldest/bin/python -m pytest -q -p no:cacheprovider --basetemp="$(mktemp -d)" \
   "tests/test_fused.py::test_compiled_kernels_match_reference[cbam]"
 run=$(mktemp -d)
