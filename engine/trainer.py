@@ -173,11 +173,12 @@ class Trainer:
         with one warning."""
         first_compiled = self.compile_mode is not None and self.clock.steps == 0
         if first_compiled and self.main:
+            inductor = self.t.compile_backend == "inductor"
             log.info(
-                "torch.compile (%s %s): compiling the model in the first training step; with a cold "
-                "inductor cache this can take minutes",
-                "mode" if self.t.compile_backend == "inductor" else "backend",
+                "torch.compile (%s %s): compiling the model in the first training step%s",
+                "mode" if inductor else "backend",
                 self.compile_mode,
+                "; with a cold inductor cache this can take minutes" if inductor else "",
             )
         tic = time.perf_counter()
         try:
