@@ -8,9 +8,11 @@ step outlasts the grace period (a cold compilation, a long evaluation, data load
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
+import time
 from contextlib import contextmanager
 
 log = logging.getLogger("cbam")
@@ -26,7 +28,28 @@ PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # after these a SLURM job
 # An overdue stop is delivered again at this interval until the run carries it out: Python drops an
 # exception raised in a weakref callback or a __del__ ("Exception ignored in ..."), and torch's code
 # runs such callbacks often, so one delivery can land where its StopNow is lost.
-REDELIVER_S = 1.0
+REDELIVER_S = 0.2
+
+# Python that torch's C++ dispatcher calls back: a dispatch mode's or tensor subclass's ``__torch_dispatch__``
+# and ``__torch_function__`` (all of AOT autograd's tracing in a compilation runs under them), and the C++
+# operator calls in torch/_ops.py. An exception raised there must unwind C++ frames, and under torch 2.4 one of
+# them cannot pass it on: the process aborts (``std::terminate`` on ``pybind11::error_already_set``). An overdue
+# stop is not raised while such a frame is on the stack (a later delivery lands outside, seconds later even in
+# a compilation's tracing) unless it has waited DISPATCH_WAIT_S, so that the run still ends before SLURM's
+# KillWait (30 s by default) after the grace period's 10 s.
+DISPATCH_WAIT_S = 15.0
+_DISPATCH_CALLBACKS = frozenset({"__torch_dispatch__", "__torch_function__"})
+_OPERATOR_CALLS = os.path.join("torch", "_ops.py")
+
+
+def _inside_operator_dispatch(frame) -> bool:
+    """Whether ``frame`` or a frame that called it is torch's Python operator dispatch (see above)."""
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name in _DISPATCH_CALLBACKS or code.co_filename.endswith(_OPERATOR_CALLS):
+            return True
+        frame = frame.f_back
+    return False
 
 
 class StopRequest:
@@ -35,7 +58,8 @@ class StopRequest:
     stop after the current step, so that the checkpoint resumes bit-identically. If the run has not
     stopped ``grace_s`` seconds later (a cold compilation, a long evaluation, data loading), the
     signal is delivered to the main thread again (every ``REDELIVER_S`` until the run calls
-    ``settle``) and raises ``StopNow`` there, which interrupts blocking waits too; inside
+    ``settle``) and raises ``StopNow`` there (outside torch's operator dispatch, see
+    ``DISPATCH_WAIT_S``), which interrupts blocking waits too; inside
     ``critical()`` (the optimizer update and the bookkeeping after it, milliseconds) it waits for the
     section's end. A second SIGINT stops at once (KeyboardInterrupt). Whoever catches ``StopNow``
     calls ``settle`` first."""
@@ -45,6 +69,7 @@ class StopRequest:
         self.requested = False
         self.signum: int | None = None  # the first stop signal
         self.overdue = False
+        self._overdue_since = 0.0  # time.monotonic() when the grace period ended
         self.settled = False  # the stop is being carried out: further signals change nothing
         self._critical = 0
         self._depth = 0
@@ -70,11 +95,13 @@ class StopRequest:
             for sig, handler in self._previous.items():
                 signal.signal(sig, handler)
 
-    def _handle(self, signum, _frame):
+    def _handle(self, signum, frame):
         if self.settled:
             return
         if self.overdue:
-            if not self._critical and not isinstance(sys.exc_info()[1], StopNow):  # not while one is handled
+            if self._critical or isinstance(sys.exc_info()[1], StopNow):  # not while one is handled
+                return
+            if time.monotonic() - self._overdue_since > DISPATCH_WAIT_S or not _inside_operator_dispatch(frame):
                 raise StopNow
             return
         if self.requested:
@@ -92,6 +119,7 @@ class StopRequest:
         self._timer.start()
 
     def _expire(self, main_thread: int) -> None:
+        self._overdue_since = time.monotonic()
         self.overdue = True
         while True:
             with self._delivering:

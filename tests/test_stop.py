@@ -8,11 +8,15 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import weakref
 
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine import checkpoint as ckpt_io
+from engine import stopping
 from engine.stopping import REDELIVER_S, StopNow, StopRequest
 from helpers import ROOT, TINY, sigterm_after_output, train
 
@@ -67,6 +71,53 @@ def test_a_stop_lost_in_a_weakref_callback_is_delivered_again(monkeypatch):
         with pytest.raises(StopNow):
             time.sleep(10)
         assert time.monotonic() - tic < 0.5 + REDELIVER_S + 0.5
+
+
+def test_an_overdue_stop_is_not_raised_inside_torch_operator_dispatch():
+    """Python that torch's C++ dispatcher called (a dispatch mode, as in AOT autograd's tracing during a
+    compilation) is not where a stop lands: an exception there aborted the process under torch 2.4. It
+    lands at the first delivery after the operator returned."""
+    seen_inside = []
+
+    class SlowMode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            tic = time.monotonic()
+            while time.monotonic() - tic < 0.2 + 3 * REDELIVER_S:  # the grace period ends in here
+                seen_inside.append(stop.overdue)
+                time.sleep(0.01)
+            return func(*args, **(kwargs or {}))
+
+    with StopRequest(grace_s=0.2) as stop:
+        _signal_soon(0.01)
+        with SlowMode():
+            total = torch.ones(3).add(1).sum()
+        left_dispatch = time.monotonic()
+        with pytest.raises(StopNow) as caught:
+            time.sleep(10)
+        stop.settle()
+    assert total.item() == 6 and seen_inside[-1], "the stop was overdue while the operator ran"
+    assert time.monotonic() - left_dispatch < REDELIVER_S + 0.5
+    assert "__torch_dispatch__" not in [frame.name for frame in traceback.extract_tb(caught.value.__traceback__)]
+
+
+def test_an_overdue_stop_held_in_operator_dispatch_too_long_is_raised_there(monkeypatch):
+    """The wait outside operator dispatch is bounded (DISPATCH_WAIT_S), so that a stop ends the run before a
+    cluster's scheduler kills it."""
+    monkeypatch.setattr(stopping, "DISPATCH_WAIT_S", 0.3)
+
+    class EndlessMode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            time.sleep(30)
+
+    with StopRequest(grace_s=0.1) as stop:
+        _signal_soon(0.01)
+        tic = time.monotonic()
+        with pytest.raises(StopNow) as caught:
+            with EndlessMode():
+                torch.ones(3)
+        stop.settle()
+    assert time.monotonic() - tic < 0.1 + 0.3 + REDELIVER_S + 0.5
+    assert "__torch_dispatch__" in [frame.name for frame in traceback.extract_tb(caught.value.__traceback__)]
 
 
 def test_handlers_are_restored():
