@@ -44,6 +44,22 @@ def load_script(name: str):
     return module
 
 
+def script_here(name: str, *args) -> tuple[int, str, str]:
+    """``scripts/<name>.py`` with ``args``, its ``main`` in this process: the exit status (what ``main``
+    returns, or the ``SystemExit`` of argparse's refusals), stdout and stderr. For tests whose subject is
+    the script's work or refusals; one test per script runs it in a process (``run``)."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = load_script(name).main([str(a) for a in args])
+        except SystemExit as exc:
+            status = exc.code
+    return status, out.getvalue(), err.getvalue()
+
+
 def compose(*overrides: str, run_dir: Path | str = "unused"):
     """The typed config (``engine.config.TrainConfig``) that ``train.py`` builds from ``overrides``."""
     from hydra import compose as hydra_compose

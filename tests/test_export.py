@@ -7,7 +7,7 @@ import torch
 from analysis import export as exporting
 from analysis.export import ExportCheckFailed, export
 from cbam import BAM, PRESETS, resolve_spec
-from helpers import run, train
+from helpers import run, script_here, train_here
 from models import create_model
 from models.resnet import BasicBlock
 
@@ -56,7 +56,7 @@ def test_a_file_that_differs_from_pytorch_is_not_kept(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("export_run")
-    train(
+    train_here(
         run_dir,
         "experiment=smoke",
         "trainer.epochs=1",
@@ -67,13 +67,10 @@ def checkpoint(tmp_path_factory):
     return run_dir / "checkpoints" / "last.pt"
 
 
-def export_script(*args):
-    return run("scripts/export.py", *map(str, args), check=False)
-
-
 def test_export_script_writes_a_checked_file(checkpoint, tmp_path):
+    """The script as a user runs it (its exit status from the process)."""
     out = tmp_path / "cbam.onnx"
-    proc = export_script(checkpoint, "--format", "onnx", "--out", out)
+    proc = run("scripts/export.py", checkpoint, "--format", "onnx", "--out", out, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "resnet18 + cbam ->" in proc.stdout and "max abs difference from PyTorch" in proc.stdout
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -94,9 +91,9 @@ def test_export_script_writes_a_checked_file(checkpoint, tmp_path):
     ],
 )
 def test_export_script_refuses_bad_input(checkpoint, tmp_path, args, message):
-    proc = export_script(*[a.format(tmp=tmp_path, ckpt=checkpoint) for a in args])
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
+    status, _, stderr = script_here("export", *[a.format(tmp=tmp_path, ckpt=checkpoint) for a in args])
+    assert status == 2 and message in stderr, stderr
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.slow

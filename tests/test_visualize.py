@@ -9,7 +9,7 @@ from torch import nn
 
 from analysis.gradcam import grad_cam, last_stage
 from analysis.overlay import colorize, normalise, overlay, to_unit_range
-from helpers import run, train
+from helpers import run, script_here, train_here
 from models import create_model
 
 TINY_RUN = ["experiment=smoke", "trainer.epochs=1", "data.train_size=64", "data.val_size=32", "trainer.image_every=0"]
@@ -104,7 +104,7 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("vis")
     paths = {}
     for attention in ("none", "cbam"):
-        train(root / attention, *TINY_RUN, f"attention={attention}")
+        train_here(root / attention, *TINY_RUN, f"attention={attention}")
         paths[attention] = root / attention / "checkpoints" / "last.pt"
     rng = np.random.default_rng(0)
     folder = root / "images"
@@ -116,7 +116,8 @@ def checkpoints(tmp_path_factory):
 
 
 def visualize(*args):
-    return run("scripts/visualize.py", *map(str, args), check=False, timeout=300)
+    """The script in this process: its exit status, stdout and stderr."""
+    return script_here("visualize", *args)
 
 
 def predictions_by_hand(checkpoint, files) -> list[tuple[int, float]]:
@@ -138,9 +139,11 @@ def predictions_by_hand(checkpoint, files) -> list[tuple[int, float]]:
 
 @pytest.mark.any_torch  # the script's command line and figure
 def test_visualize_two_checkpoints_side_by_side(checkpoints, tmp_path):
+    """The script as a user runs it (its exit status from the process)."""
     paths, folder = checkpoints
     out = tmp_path / "fig" / "fig4.png"
-    proc = visualize(paths["none"], paths["cbam"], "--images", folder, "--out", out, "--labels", "plain", "CBAM")
+    args = [paths["none"], paths["cbam"], "--images", folder, "--out", out, "--labels", "plain", "CBAM"]
+    proc = run("scripts/visualize.py", *map(str, args), check=False, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line.split("\t") for line in proc.stdout.splitlines() if "\t" in line]
     assert [(r[0], r[1]) for r in rows] == [(f"img{i}.png", label) for i in range(3) for label in ("plain", "CBAM")]
@@ -162,8 +165,8 @@ def test_visualize_two_checkpoints_side_by_side(checkpoints, tmp_path):
 def test_visualize_chosen_blocks(checkpoints, tmp_path):
     paths, folder = checkpoints
     out = tmp_path / "one.pdf"
-    proc = visualize(paths["cbam"], "--images", folder / "img0.png", "--out", out, "--blocks", "layer3.1")
-    assert proc.returncode == 0, proc.stderr
+    status, _, stderr = visualize(paths["cbam"], "--images", folder / "img0.png", "--out", out, "--blocks", "layer3.1")
+    assert status == 0, stderr
     assert out.read_bytes()[:4] == b"%PDF"
 
 
@@ -182,13 +185,13 @@ def test_visualize_refuses_bad_input(checkpoints, tmp_path, args, message):
     paths, folder = checkpoints
     args = [a.format(folder=folder) for a in args]
     out = ["--out", str(tmp_path / "f.png")] if "--out" not in args else []
-    proc = visualize(paths["cbam"], *args, *out)
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr and not (tmp_path / "f.png").exists()
+    status, _, stderr = visualize(paths["cbam"], *args, *out)
+    assert status == 2 and message in stderr, stderr
+    assert not (tmp_path / "f.png").exists()
 
 
 @pytest.mark.any_torch  # the script's command line and figure
 def test_visualize_refuses_a_missing_checkpoint(checkpoints, tmp_path):
     _, folder = checkpoints
-    proc = visualize(tmp_path / "nope.pt", "--images", folder, "--out", tmp_path / "f.png")
-    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    status, _, stderr = visualize(tmp_path / "nope.pt", "--images", folder, "--out", tmp_path / "f.png")
+    assert status == 2 and "does not exist" in stderr, stderr
