@@ -144,18 +144,16 @@ def test_a_checkpoint_of_this_project_loads(tmp_path):
 
 @pytest.mark.slow
 def test_train_py_starts_from_pretrained_weights(tmp_path):
-    """model.pretrained=PATH on the command line; the run's first checkpoint holds them, trained on."""
-    from helpers import TINY, results, train
+    """model.pretrained=PATH in train.py's config; the run's first checkpoint holds them, trained on."""
+    from helpers import TINY, train_here
 
-    first = tmp_path / "first"
-    train(first, "experiment=smoke", *TINY, "trainer.epochs=1", "trainer.image_every=0")
-    second = tmp_path / "second"
-    train(
-        second,
+    first = train_here(tmp_path / "first", "experiment=smoke", *TINY, "trainer.epochs=1", "trainer.image_every=0")
+    second = train_here(
+        tmp_path / "second",
         "experiment=smoke",
         *TINY,
         "trainer.epochs=1",
         "trainer.image_every=0",
-        f"model.pretrained={first / 'checkpoints' / 'last.pt'}",
+        f"model.pretrained={tmp_path / 'first' / 'checkpoints' / 'last.pt'}",
     )
-    assert results(second)["history"][0]["train"]["loss"] < results(first)["history"][0]["train"]["loss"]
+    assert second["history"][0]["train"]["loss"] < first["history"][0]["train"]["loss"]
