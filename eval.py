@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cbam.errors import UserError
 from engine.config import register_configs
+from engine.exiting import exit_now
 
 register_configs("eval")  # its only config: the EvalConfig schema (no YAML folder, so --help lists no groups)
 log = logging.getLogger("cbam")
@@ -109,3 +110,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     main()
+    exit_now(0)

@@ -21,6 +21,7 @@ from cbam.errors import RunFolderInUse, UserError
 from engine import sweep
 from engine.config import register_configs, swept_overrides, to_object
 from engine.distributed import global_rank
+from engine.exiting import exit_now
 
 register_configs()
 log = logging.getLogger("cbam")
@@ -107,4 +108,4 @@ def _failed(run_dir: str, in_sweep: bool, kind: str, exc: Exception) -> None:
 
 if __name__ == "__main__":
     main()
-    sys.exit(sweep.exit_code())
+    exit_now(sweep.exit_code())

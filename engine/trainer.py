@@ -275,6 +275,8 @@ class Trainer:
         self.stop.settle()
         if self.global_step > self.saved_step:
             self._save(("last.pt",), collective=not overdue)
+        if self.logger is not None:
+            self.logger.close()  # the scalars since the last epoch's flush
         if self.main:
             where = f"epoch {self.epoch + 1}, batch {self.next_batch}"
             saved = self.last_checkpoint
