@@ -81,6 +81,8 @@ def test_ablation_table_on_a_real_multirun(tmp_path):
         "experiment=smoke",
         "model.width=0.25",
         "trainer.epochs=1",
+        "data.train_size=128",
+        "data.val_size=64",
         "trainer.image_every=0",
         "attention=none,se",
         "seed=0,1,2",
