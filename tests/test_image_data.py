@@ -335,7 +335,7 @@ def _rank_batches(rank: int, roots: dict, out: str) -> None:
     mine = {}
     for fmt, root in roots.items():
         train, _ = build(
-            image_config(Path(root), fmt, workers=1),
+            image_config(Path(root), fmt, workers=0),
             2,
             2,
             seed=5,
