@@ -51,8 +51,9 @@ def test_checkpoints_follow_the_umask(reference_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
+    """The uninterrupted run, in this process: what the killed and resumed processes must end as."""
     run_dir = tmp_path_factory.mktemp("uninterrupted")
-    train(run_dir, *EXACT)
+    train_here(run_dir, *EXACT)
     return run_dir
 
 
@@ -81,7 +82,7 @@ def test_sigkill_at_a_random_point_then_resume_is_bit_identical(reference_run, t
     proc.kill()
     proc.wait()
     assert not (tmp_path / "results.json").exists(), "the run finished before it was killed; nothing tested"
-    train(tmp_path, *EXACT, "resume=auto")
+    train_here(tmp_path, *EXACT, "resume=auto")
     assert_same_run(reference_run, tmp_path)
 
 
@@ -93,7 +94,7 @@ def test_sigterm_mid_epoch_exits_0_with_checkpoint_and_resumes_bit_identical(ref
     progress = ckpt_io.load(tmp_path / "checkpoints" / "last.pt")["progress"]
     assert progress["epoch"] == 0 and 5 <= progress["next_batch"] < 8, progress
     assert "stopped at epoch 1" in out
-    train(tmp_path, *EXACT, "resume=auto")
+    train_here(tmp_path, *EXACT, "resume=auto")
     assert_same_run(reference_run, tmp_path)
 
 
@@ -221,7 +222,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
         "trainer.image_every=0",
         "optim.lr=0.01",
     ]
-    train(tmp_path / "single", *common)
+    train_here(tmp_path / "single", *common)
     torchrun(tmp_path / "ddp", *common)
     single, ddp = results(tmp_path / "single"), results(tmp_path / "ddp")
     for h_single, h_ddp in zip(single["history"], ddp["history"], strict=True):
