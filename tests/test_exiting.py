@@ -1,6 +1,7 @@
 """A script's process ends with its status and everything said or written, without the interpreter's
 teardown (engine.exiting.exit_now)."""
 
+import os
 import subprocess
 import sys
 
@@ -33,3 +34,16 @@ def test_exit_now_keeps_the_status_the_handlers_and_the_output(tmp_path):
     assert proc.stdout == "the last line of stdout"
     assert (tmp_path / "atexit.txt").read_text() == "exit handlers ran"
     assert "the last line of the log" in (tmp_path / "run.log").read_text()
+
+
+def test_under_a_profiler_the_script_exits_as_usual(tmp_path):
+    """cProfile writes its file after the script returns: exit_now leaves the exit to Python there."""
+    script = tmp_path / "script.py"
+    script.write_text("from engine.exiting import exit_now\nexit_now(0)\n")
+    profile = tmp_path / "run.prof"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cProfile", "-o", str(profile), str(script)], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert profile.stat().st_size > 0
