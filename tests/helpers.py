@@ -17,11 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.width=0.25", "trainer.log_every=5"]
 
 
-def run(script: str, *overrides: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``train.py`` / ``eval.py`` as a user would; fail with its output when it fails."""
+def run(script: str, *args: str | Path, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``train.py``, ``eval.py`` or ``scripts/<name>.py`` with ``args`` as a user would, in a process; fail
+    with its output when it fails (``check``)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="0")
+    args = [str(a) for a in args]
     proc = subprocess.run(
-        [sys.executable, str(ROOT / script), *overrides],
+        [sys.executable, str(ROOT / script), *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -29,7 +31,7 @@ def run(script: str, *overrides: str, check: bool = True, timeout: int = 600) ->
         timeout=timeout,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(overrides)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(f"{script} {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 

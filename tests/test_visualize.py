@@ -143,7 +143,7 @@ def test_visualize_two_checkpoints_side_by_side(checkpoints, tmp_path):
     paths, folder = checkpoints
     out = tmp_path / "fig" / "fig4.png"
     args = [paths["none"], paths["cbam"], "--images", folder, "--out", out, "--labels", "plain", "CBAM"]
-    proc = run("scripts/visualize.py", *map(str, args), check=False, timeout=300)
+    proc = run("scripts/visualize.py", *args, check=False, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line.split("\t") for line in proc.stdout.splitlines() if "\t" in line]
     assert [(r[0], r[1]) for r in rows] == [(f"img{i}.png", label) for i in range(3) for label in ("plain", "CBAM")]
