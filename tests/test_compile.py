@@ -64,7 +64,9 @@ def test_failing_compiler_falls_back_to_the_reference(
 
 
 @pytest.mark.slow
-def test_whole_model_compilation_is_announced_and_trains_as_eager_mode(tmp_path, reference_run, caplog):
+def test_whole_model_compilation_is_announced_and_trains_as_eager_mode(
+    tmp_path, reference_run, caplog, scalar_inductor
+):
     """trainer.compile=true with the reference modules inside (the default on CUDA): the first step's
     compilation is logged with its time, and training gives eager mode's numbers (in this process: the
     compiler, not the process, is the subject)."""
@@ -89,11 +91,12 @@ def _grads(model, x, y, compiled: bool, dtype=None):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["spatial", "cbam"])
-def test_gradients_under_torch_compile(preset):
+def test_gradients_under_torch_compile(preset, scalar_inductor):
     """Inductor found amax's ties by comparing an input it recomputed at a higher precision than the
     saved max: with bf16 autocast no position matched and every gradient was NaN ("spatial" on the CPU,
     CBAM on CUDA). Compiled, the max's gradient is routed by index: finite in bf16, and in float32
-    (no ties in random data) the eager reference's gradients."""
+    (no ties in random data) the eager reference's gradients. Inductor's scalar C++ (``scalar_inductor``)
+    shows the NaN as its SIMD code does."""
     torch.manual_seed(0)
     net = create_model("resnet18", 10, {"preset": preset, "impl": "reference"}, in_chans=1, stem="cifar", width=0.25)
     # the stem and the first stage (two attention blocks): the gates' code at a fraction of the compile time
