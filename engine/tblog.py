@@ -30,14 +30,10 @@ KEY_FIELDS = {
     "seed": "seed",
 }
 # The hparams' metrics: scalar series of every run (the last value counts, hence the best top-1's series).
-METRICS = (
-    "val/top1",
-    "val/top1_best",
-    "val/top5",
-    "model/params_M",
-    "model/GMACs",
-    "train/img_per_s",
-)
+# The model's size is an hparam (``write_hparams``' ``model_size``), not a series: as a model/ group of two
+# flat lines it sorted first, and TensorBoard, which opens the first two groups, left val/ closed.
+METRICS = ("val/top1", "val/top1_best", "val/top5", "train/img_per_s")
+SIZE_GROUPS = ("model", "attention", "data")  # the config groups that change the model's size
 # The charts to see first (TensorBoard's Custom Scalars tab): training and validation in one chart each.
 CHARTS = {
     "top-1 (%)": ["train/top1", "val/top1"],
@@ -46,8 +42,8 @@ CHARTS = {
     "learning rate": ["train/lr"],
     "training images/s": ["train/img_per_s"],
 }
-# Tag groups, which TensorBoard sorts by name: model/ (two constant series for the HParams tab), train/,
-# val/, val_attention/ (images and histograms of the fixed validation batch), val_ema/.
+# Tag groups, which TensorBoard sorts by name and of which it opens the first two: train/, val/,
+# val_attention/ (images and histograms of the fixed validation batch), val_ema/.
 ATTENTION_GROUP = "val_attention"
 
 
@@ -78,10 +74,16 @@ def run_hparams(config: dict, overrides: list[str]) -> tuple[dict[str, int | flo
     return hparams, varying
 
 
-def write_hparams(logger: Logger, config: dict, metrics: dict[str, float], overrides: list[str]) -> None:
-    """The run's hparams (``run_hparams``) with its final ``metrics`` (keyed by the tags in ``METRICS``)."""
+def write_hparams(
+    logger: Logger, config: dict, metrics: dict[str, float], overrides: list[str], model_size: dict[str, float]
+) -> None:
+    """The run's hparams (``run_hparams``, then ``model_size``: ``params_M``, ``GMACs``) with its final
+    ``metrics`` (keyed by the tags in ``METRICS``). The size counts as varying where the overrides set
+    the model, the attention or the data (its classes and channels), so that the HParams tab shows it."""
     hparams, varying = run_hparams(config, overrides)
-    logger.hparams(hparams, metrics, varying)
+    if any(field.split(".")[0] in SIZE_GROUPS for _key, field, _value in run_overrides(overrides)):
+        varying |= set(model_size)
+    logger.hparams({**hparams, **model_size}, metrics, varying)
 
 
 @contextmanager

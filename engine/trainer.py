@@ -252,11 +252,10 @@ class Trainer:
                 "val/top1": results["top1"],
                 "val/top1_best": results["best_top1"],
                 "val/top5": results["top5"],
-                "model/params_M": self.params / 1e6,
-                "model/GMACs": self.gmacs,
                 "train/img_per_s": results["train_img_per_s"],
             }
-            write_hparams(self.logger, self.config_dict, {tag: final[tag] for tag in METRICS}, self.overrides)
+            size = {"params_M": self.params / 1e6, "GMACs": self.gmacs}
+            write_hparams(self.logger, self.config_dict, {tag: final[tag] for tag in METRICS}, self.overrides, size)
             self.logger.close()
             write_atomic(self.run_dir / "results.json", json.dumps(results, indent=2))
             log.info(
@@ -463,8 +462,6 @@ class Trainer:
                 logger.scalar(f"{split}/{k}", s[k], self.epoch)
         logger.scalar("val/top1_best", self.best_top1, self.epoch)
         logger.scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.epoch)
-        logger.scalar("model/params_M", self.params / 1e6, self.epoch)  # series, so that the HParams tab can
-        logger.scalar("model/GMACs", self.gmacs, self.epoch)  # compare runs by them
         logger.scalar("train/img_per_s", self.clock.img_per_s, self.epoch)
         logger.scalar("train/time_s_total", self.clock.train_s, self.epoch)
         if self.t.image_every and (self.epoch % self.t.image_every == 0 or self.epoch == self.t.epochs):

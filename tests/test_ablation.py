@@ -94,9 +94,10 @@ def test_ablation_table_on_a_real_multirun(tmp_path):
     events = EventAccumulator(str(sweep / "attention=se,seed=1"))
     events.Reload()
     experiment = metadata.parse_experiment_plugin_data(events.PluginTagToContent("hparams")[metadata.EXPERIMENT_TAG])
-    # the key fields only: model.width and trainer.epochs are the same in every job of the sweep
-    assert [h.name for h in experiment.hparam_infos] == list(KEY_FIELDS.values())
-    assert {h.name for h in experiment.hparam_infos if h.differs} == {"attention", "seed"}
+    # the key fields and the model's size only: model.width and trainer.epochs are the same in every job of the
+    # sweep; the attention changes the size, so the size is among what differs
+    assert [h.name for h in experiment.hparam_infos] == [*KEY_FIELDS.values(), "params_M", "GMACs"]
+    assert {h.name for h in experiment.hparam_infos if h.differs} == {"attention", "seed", "params_M", "GMACs"}
     failed = tmp_path / "failed"
     # lr 1e30 diverges at once; the skipped steps in a row reach trainer.max_nonfinite_steps (10) in epoch 2
     proc = run(

@@ -270,6 +270,32 @@ def test_run_hparams_key_fields_first_then_the_overridden_ones():
     assert varying == {"attention", "model.zero_init_residual"}
 
 
+@pytest.mark.parametrize(
+    ("overrides", "size_differs"),
+    [(["attention=cbam"], True), (["model.width=0.5"], True), (["data=cifar100"], True), (["optim.lr=0.2"], False)],
+)
+def test_the_model_size_is_an_hparam_that_differs_where_the_overrides_change_it(overrides, size_differs):
+    """params_M and GMACs follow the key fields as hparams; the HParams tab shows them first where the
+    overrides change the model, its attention or its data (classes, channels), not where they set the lr."""
+    from engine.loggers import Logger
+    from engine.tblog import write_hparams
+
+    class Recorder(Logger):
+        def __init__(self):
+            self.written = None
+
+        def hparams(self, hparams, metrics, varying):
+            self.written = hparams, metrics, varying
+
+    recorder = Recorder()
+    size = {"params_M": 0.7, "GMACs": 0.03}
+    write_hparams(recorder, compose_train("experiment=smoke", *overrides), {"val/top1": 50.0}, overrides, size)
+    hparams, metrics, varying = recorder.written
+    assert list(hparams)[-2:] == ["params_M", "GMACs"] and hparams["GMACs"] == 0.03
+    assert metrics == {"val/top1": 50.0}
+    assert ({"params_M", "GMACs"} <= varying) is size_differs and varying - {"params_M", "GMACs"}
+
+
 def test_a_checkpoints_plain_config_reads_back_from_any_version():
     """``from_dict`` of today's dict is the same config; an earlier version's dict, without today's options
     and with one that no longer exists, reads back with the values that run had."""

@@ -75,12 +75,10 @@ def test_tensorboard_has_scalars_hparams_images_histograms(smoke_run):
     assert [e.value for e in acc.Scalars("val/top1_best")] == pytest.approx(
         [max(h["val"]["top1"] for h in r["history"][: i + 1]) for i in range(2)]
     )
-    assert acc.Scalars("model/params_M")[-1].value == pytest.approx(r["params"] / 1e6)
-    assert acc.Scalars("model/GMACs")[-1].value == pytest.approx(r["gmacs"])
-    # TensorBoard sorts tag groups by name: training's and validation's figures come before everything else
-    # but the two constant model/ series, and the images after them
+    # TensorBoard sorts tag groups by name and opens the first two: training's and validation's figures,
+    # then the images (the model's size is an hparam, not a constant series)
     groups = sorted({t.split("/")[0] for kind in ("scalars", "images", "histograms") for t in tags[kind]})
-    assert groups == ["model", "train", "val", "val_attention"]
+    assert groups == ["train", "val", "val_attention"]
     spatial = sorted(t for t in tags["images"] if t.startswith("val_attention/spatial_"))
     assert spatial == [f"val_attention/spatial_{i}_{s}x{s}" for i, s in enumerate((32, 16, 8, 4), start=1)]
     assert {"val_attention/inputs", "val_attention/gradcam_last_stage"} <= set(tags["images"])
@@ -91,6 +89,23 @@ def test_tensorboard_has_scalars_hparams_images_histograms(smoke_run):
     # hparams live in the run's own folder (no extra sub-run folder) and add no one-dot hparam/* charts
     assert not [t for t in tags["scalars"] if t.startswith("hparam")]
     assert {p.name for p in smoke_run.iterdir() if p.is_dir()} == {"checkpoints", ".hydra"}
+
+
+def test_the_documented_tensorboard_link_pins_real_tags_and_colours_runs_by_variant(smoke_run):
+    """docs/usage.md's link, read as a browser sends it (a query string's ``+`` is a space): its pinned
+    cards are tags that a run writes, and its colour regex finds the variant in a sweep's run names."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from engine.config import run_name
+
+    (link,) = re.findall(r"^http://localhost:6006/\S+$", (ROOT / "docs" / "usage.md").read_text(), re.MULTILINE)
+    query = parse_qs(urlsplit(link).query)
+    pinned = {card["tag"] for card in json.loads(query["pinnedCards"][0])}
+    assert pinned == {"val/top1", "val/top1_best"} and pinned <= set(events(smoke_run).Tags()["scalars"])
+    kind, _, pattern = query["runColorGroup"][0].partition(":")
+    assert kind == "regex"
+    for variant in ("cbam", "none"):
+        assert re.search(pattern, run_name([f"attention={variant}", "seed=1"], 0))[1] == variant
 
 
 def test_hparams_show_the_key_fields_first_and_the_run_figures_as_metrics(smoke_run):
@@ -112,13 +127,19 @@ def test_hparams_show_the_key_fields_first_and_the_run_figures_as_metrics(smoke_
         "seed",
         "model.width",
         "trainer.log_every",
+        "params_M",
+        "GMACs",
     ]
-    assert {h.name for h in experiment.hparam_infos if h.differs} == {"model.width", "trainer.log_every"}
+    # model.width changes the model's size: the size is shown among what differs
+    differs = {h.name for h in experiment.hparam_infos if h.differs}
+    assert differs == {"model.width", "trainer.log_every", "params_M", "GMACs"}
     metrics = [m.name.tag for m in experiment.metric_infos]
-    assert metrics[:3] == ["val/top1", "val/top1_best", "val/top5"]  # the last epoch's top-1 and the best
-    assert set(metrics[3:]) == {"model/params_M", "model/GMACs", "train/img_per_s"}
+    assert metrics == ["val/top1", "val/top1_best", "val/top5", "train/img_per_s"]  # the last top-1 and the best
     start = metadata.parse_session_start_info_plugin_data(plugin[metadata.SESSION_START_INFO_TAG])
-    config = results(smoke_run)["config"]
+    r = results(smoke_run)
+    config = r["config"]
+    assert start.hparams["params_M"].number_value == pytest.approx(r["params"] / 1e6)
+    assert start.hparams["GMACs"].number_value == pytest.approx(r["gmacs"])
     assert start.hparams["experiment"].string_value == "smoke" and start.hparams["data"].string_value == "synthetic"
     assert start.hparams["recipe"].string_value == "custom"  # smoke sets its own optimizer and schedule
     assert start.hparams["arch"].string_value == config["model"]["arch"] == "resnet18"
