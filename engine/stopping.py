@@ -38,6 +38,7 @@ REDELIVER_S = 0.2
 # a compilation's tracing) unless it has waited DISPATCH_WAIT_S, so that the run still ends before SLURM's
 # KillWait (30 s by default) after the grace period's 10 s.
 DISPATCH_WAIT_S = 15.0
+ANNOUNCE_WAIT_S = 1.0  # at most this long, the end of a request's context waits for its log line
 _DISPATCH_CALLBACKS = frozenset({"__torch_dispatch__", "__torch_function__"})
 _OPERATOR_CALLS = os.path.join("torch", "_ops.py")
 
@@ -74,7 +75,8 @@ class StopRequest:
         self._critical = 0
         self._depth = 0
         self._previous = {}
-        self._timer: threading.Timer | None = None
+        self._timer: threading.Thread | None = None
+        self._announced = threading.Event()  # the stop's log line is written
         self._done = threading.Event()  # settled, or the request's context has ended: no more deliveries
         self._delivering = threading.Lock()  # no delivery after _done is set (the handler may be gone)
 
@@ -91,7 +93,7 @@ class StopRequest:
         if self._depth == 0:
             self._finish()
             if self._timer is not None:
-                self._timer.cancel()
+                self._announced.wait(ANNOUNCE_WAIT_S)  # the line is not lost to an exit right after
             for sig, handler in self._previous.items():
                 signal.signal(sig, handler)
 
@@ -109,14 +111,24 @@ class StopRequest:
                 raise KeyboardInterrupt
             return
         self.requested, self.signum = True, signum
+        # Announced by the grace period's thread, not here: the signal may have interrupted the main thread
+        # inside a log handler's write, which logging's reentrant lock would let this message re-enter (a
+        # file refuses that: "reentrant call inside <_io.BufferedWriter>"); the thread waits for the lock.
+        self._timer = threading.Thread(
+            target=self._announce_then_time, args=(signum, threading.main_thread().ident), daemon=True
+        )
+        self._timer.start()
+
+    def _announce_then_time(self, signum: int, main_thread: int) -> None:
+        """The stop's log line, then the grace period: ``_expire`` unless the run ends or settles first."""
         log.warning(
             "%s received: stopping after this step and writing a checkpoint (at most %g s)",
             signal.Signals(signum).name,
             self.grace_s,
         )
-        self._timer = threading.Timer(self.grace_s, self._expire, args=(threading.main_thread().ident,))
-        self._timer.daemon = True
-        self._timer.start()
+        self._announced.set()
+        if not self._done.wait(self.grace_s):
+            self._expire(main_thread)
 
     def _expire(self, main_thread: int) -> None:
         self._overdue_since = time.monotonic()

@@ -2,6 +2,7 @@
 resumes bit-identically, tests/test_reliability.py), and while compiling, evaluating or loading data."""
 
 import json
+import logging
 import os
 import re
 import signal
@@ -118,6 +119,45 @@ def test_an_overdue_stop_held_in_operator_dispatch_too_long_is_raised_there(monk
         stop.settle()
     assert time.monotonic() - tic < 0.1 + 0.3 + REDELIVER_S + 0.5
     assert "__torch_dispatch__" in [frame.name for frame in traceback.extract_tb(caught.value.__traceback__)]
+
+
+class _SignalledMidWrite:
+    """A log stream whose first write is interrupted by SIGTERM (as a step's progress line was, being
+    flushed to train.log): records whether a write started inside another, which a real file refuses
+    ("RuntimeError: reentrant call inside <_io.BufferedWriter>") and logging reports as an error."""
+
+    def __init__(self):
+        self.lines, self.depth, self.reentered = [], 0, False
+
+    def write(self, text):
+        self.reentered |= self.depth > 0
+        self.depth += 1
+        try:
+            if not self.lines:
+                os.kill(os.getpid(), signal.SIGTERM)  # the handler runs here, before the write returns
+                time.sleep(0.05)
+            self.lines.append(text)
+        finally:
+            self.depth -= 1
+
+    def flush(self):
+        pass
+
+
+def test_the_stop_is_announced_outside_the_write_that_the_signal_interrupted():
+    stream = _SignalledMidWrite()
+    handler = logging.StreamHandler(stream)
+    stopping.log.addHandler(handler)
+    try:
+        with StopRequest(grace_s=5) as stop:
+            stopping.log.warning("epoch 1/2 step 2/8")
+            deadline = time.monotonic() + 2
+            while len(stream.lines) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+    finally:
+        stopping.log.removeHandler(handler)
+    assert stop.requested and not stream.reentered
+    assert stream.lines[0] == "epoch 1/2 step 2/8\n" and "SIGTERM received: stopping after this step" in stream.lines[1]
 
 
 def test_handlers_are_restored():
