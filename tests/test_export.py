@@ -76,7 +76,8 @@ def test_export_script_writes_a_checked_file(checkpoint, tmp_path):
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     model = create_model("resnet18", 10, ckpt["config"]["attention"], stem="cifar", width=0.25)
     model.load_state_dict(ckpt["model"])
-    images = torch.randn(4, 3, 32, 32)
+    size = ckpt["config"]["data"]["image_size"]  # the file's input shape is the run's
+    images = torch.randn(4, 3, size, size)
     with torch.no_grad():
         expected = model.eval()(images)
     assert (load_and_run("onnx", out, images) - expected).abs().max() <= 1e-4

@@ -10,7 +10,7 @@ from analysis.paper import TABLE4
 from analysis.profile import count_gmacs, count_params
 from cbam import PRESETS, AttentionSpecError
 from helpers import ROOT
-from models import ARCHS, create_model
+from models import ARCHS, backbone_options, create_model
 
 TORCHVISION_EQUIVALENT = {
     "resnet18": torchvision.models.resnet18,
@@ -130,7 +130,11 @@ def test_placements_run(placement):
 
 
 def _forward_backward(arch, preset, size, stem):
-    model = create_model(arch, 10, preset, stem=stem)
+    """A quarter of the backbone's width (WRN's stages stay twice ResNet's): the blocks and where each preset
+    sits in them are the full network's, at a sixteenth of the compute. test_param_count_equals_torchvision
+    and the Table 4 test build the full widths."""
+    width = backbone_options(arch).get("width", 1.0) / 4
+    model = create_model(arch, 10, preset, stem=stem, width=width)
     x = torch.randn(2, 3, size, size)
     out = model(x)
     assert out.shape == (2, 10) and torch.isfinite(out).all()

@@ -213,10 +213,13 @@ def test_image_folder_with_wrong_layout_is_refused(tmp_path):
 def test_torchrun_two_processes_match_one_process(tmp_path):
     """Two epochs of the same global batch: 2 processes (gloo, synchronised BN) and 1 process agree to
     float precision. Summation order differs between the two, and SGD amplifies such rounding
-    differences step by step; at lr 0.01 over 16 steps they stay around 1e-5."""
+    differences step by step; at lr 0.01 over 16 steps they stay around 1e-5. At 32 px, not the smoke run's
+    16: there the last stage's 2x2 maps leave synchronised BN 128 values a channel, and the differences grow
+    past 1e-3."""
     common = [
         "experiment=smoke",
         *TINY,
+        "data.image_size=32",
         "trainer.sync_bn=true",
         "trainer.batch_size=64",
         "trainer.image_every=0",

@@ -80,10 +80,10 @@ def test_tensorboard_has_scalars_hparams_images_histograms(smoke_run):
     groups = sorted({t.split("/")[0] for kind in ("scalars", "images", "histograms") for t in tags[kind]})
     assert groups == ["train", "val", "val_attention"]
     spatial = sorted(t for t in tags["images"] if t.startswith("val_attention/spatial_"))
-    assert spatial == [f"val_attention/spatial_{i}_{s}x{s}" for i, s in enumerate((32, 16, 8, 4), start=1)]
+    assert spatial == [f"val_attention/spatial_{i}_{s}x{s}" for i, s in enumerate((16, 8, 4, 2), start=1)]
     assert {"val_attention/inputs", "val_attention/gradcam_last_stage"} <= set(tags["images"])
     # attention maps in colour over the inputs: the red and blue channels differ
-    picture = np.asarray(Image.open(io.BytesIO(acc.Images("val_attention/spatial_1_32x32")[-1].encoded_image_string)))
+    picture = np.asarray(Image.open(io.BytesIO(acc.Images("val_attention/spatial_1_16x16")[-1].encoded_image_string)))
     assert picture.shape[-1] >= 3 and np.abs(picture[..., 0].astype(int) - picture[..., 2]).mean() > 10
     assert any(t.startswith("val_attention/channel_weights_layer") for t in tags["histograms"])
     # hparams live in the run's own folder (no extra sub-run folder) and add no one-dot hparam/* charts

@@ -127,9 +127,10 @@ def predictions_by_hand(checkpoint, files) -> list[tuple[int, float]]:
     model = create_model(config["model"]["arch"], 10, config["attention"], stem="cifar", width=0.25)
     model.load_state_dict(ckpt["model"])
     data = config["data"]
+    size = data["image_size"]
     batch = []
     for file in files:
-        image = Image.open(file).convert("RGB").resize((32, 32), Image.BILINEAR)
+        image = Image.open(file).convert("RGB").resize((size, size), Image.BILINEAR)
         array = np.asarray(image, dtype=np.float32) / 255
         batch.append((array - np.array(data["mean"])) / np.array(data["std"]))
     with torch.no_grad():
@@ -153,7 +154,7 @@ def test_visualize_two_checkpoints_side_by_side(checkpoints, tmp_path):
         by_hand = predictions_by_hand(paths[attention], files)
         for (cls, score), (cls_hand, score_hand) in zip(printed, by_hand, strict=True):
             assert cls == cls_hand and score == pytest.approx(score_hand, abs=2e-3)
-    # columns: input | plain Grad-CAM | CBAM Grad-CAM + one spatial map per resolution (32, 16, 8, 4)
+    # columns: input | plain Grad-CAM | CBAM Grad-CAM + one spatial map per resolution (16, 8, 4, 2)
     with Image.open(out) as figure:
         assert figure.format == "PNG" and figure.size == (round(1.9 * 7 * 110), round((2.0 * 3 + 0.6) * 110))
         colours = np.asarray(figure.convert("RGB")).reshape(-1, 3)[::97]
