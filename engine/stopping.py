@@ -75,7 +75,6 @@ class StopRequest:
         self._critical = 0
         self._depth = 0
         self._previous = {}
-        self._timer: threading.Thread | None = None
         self._announced = threading.Event()  # the stop's log line is written
         self._done = threading.Event()  # settled, or the request's context has ended: no more deliveries
         self._delivering = threading.Lock()  # no delivery after _done is set (the handler may be gone)
@@ -92,7 +91,7 @@ class StopRequest:
         self._depth -= 1
         if self._depth == 0:
             self._finish()
-            if self._timer is not None:
+            if self.requested:
                 self._announced.wait(ANNOUNCE_WAIT_S)  # the line is not lost to an exit right after
             for sig, handler in self._previous.items():
                 signal.signal(sig, handler)
@@ -114,10 +113,9 @@ class StopRequest:
         # Announced by the grace period's thread, not here: the signal may have interrupted the main thread
         # inside a log handler's write, which logging's reentrant lock would let this message re-enter (a
         # file refuses that: "reentrant call inside <_io.BufferedWriter>"); the thread waits for the lock.
-        self._timer = threading.Thread(
+        threading.Thread(
             target=self._announce_then_time, args=(signum, threading.main_thread().ident), daemon=True
-        )
-        self._timer.start()
+        ).start()
 
     def _announce_then_time(self, signum: int, main_thread: int) -> None:
         """The stop's log line, then the grace period: ``_expire`` unless the run ends or settles first."""
